@@ -1,0 +1,112 @@
+"""likeness: train a face LoRA for Stable Diffusion 1.x and watch identity metrics while it trains.
+
+    python train.py fit --config configs/brad.yaml
+    python train.py fit --config configs/brad.yaml --ckpt_path last        # resume
+    python train.py test --config configs/brad.yaml --ckpt_path CKPT
+    python train.py --help
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+
+from datamodules.face_data_module import FaceDataModule
+from lightning_modules.lora_diffusion import LoRADiffusion
+
+# Settings that decide which tensors the LoRA has or what they mean: a checkpoint trained with other values
+# cannot be continued with these, so a resume that changes them stops with an error.
+STRUCTURAL_SETTINGS = (
+    "lora_rank",
+    "lora_alpha",
+    "unet_target_modules",
+    "train_text_encoder",
+    "text_encoder_target_modules",
+)
+
+
+class LikenessCLI(LightningCLI):
+    """LightningCLI with the project's model and data, checkpoints and LR monitor always on.
+
+    On ``--ckpt_path`` the run's own config wins (unlike LightningCLI >= 2.5.5, which merges the checkpoint's
+    hyperparameters over it): a setting changed on resume (learning rate schedule, min-SNR, validation...) takes
+    effect from the resumed step on and is reported; changing a setting that shapes the LoRA tensors
+    (:data:`STRUCTURAL_SETTINGS`) is an error.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 500,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "step{step:06d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        model = self.config[subcommand]["model"]
+        conflicts, changes = [], []
+        for key, old in saved.items():
+            if key.startswith("_") or key not in model or old == model[key]:
+                continue
+            line = f"model.{key}: checkpoint {old!r}, config {model[key]!r}"
+            (conflicts if key in STRUCTURAL_SETTINGS else changes).append(line)
+        if conflicts:
+            raise ValueError(
+                f"The checkpoint {ckpt_path} was trained with other LoRA settings:\n  "
+                + "\n  ".join(conflicts)
+                + "\nUse the config it was trained with (its copy is config.yaml in the run's log folder)."
+            )
+        if changes:
+            rank_zero_warn(
+                "Settings differ from the checkpoint; the config's values apply from the resumed step on:\n  "
+                + "\n  ".join(changes)
+            )
+
+
+def main(args: list[str] | None = None) -> LikenessCLI:
+    from datamodules.folder_scan import DataFolderError
+    from lightning_modules.base_model import BaseModelError
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        return LikenessCLI(
+            LoRADiffusion,
+            FaceDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "logs", "name": "likeness"},
+                },
+                "max_steps": 2000,
+                "log_every_n_steps": 10,
+            },
+        )
+    except (DataFolderError, BaseModelError, FileNotFoundError, ValueError, KeyError) as err:
+        # Bad input: one clear message, not a traceback. Everything written so far stays valid.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The photos of one person with their captions for training, and prompts for validation, test and predict."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.epoch_sampler import EpochSampler
+from datamodules.folder_scan import Pair, load_pairs
+from datamodules.image_caption_dataset import ImageCaptionDataset
+
+
+def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
+    """Prompts from a list, or from a text file with one prompt per line (blank lines ignored)."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, list):
+        return [p.strip() for p in prompts if p.strip()]
+    path = Path(prompts).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{setting}: prompt file {path} does not exist. Give a text file with one prompt per line, "
+            "or a YAML list of prompts."
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{setting}: prompt file {path} is not UTF-8 text ({err}).") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
+class FaceDataModule(L.LightningDataModule):
+    """Photos of one person, each ``NAME.jpg|.jpeg|.png|.webp`` beside a ``NAME.txt`` caption.
+
+    The tokenizer is the base model's: the data module takes it from the LightningModule (``model.tokenizer``)
+    when the trainer sets up, or from :attr:`tokenizer` if set by hand.
+
+    Args:
+        data_dir: folder of training photos and captions.
+        resolution: square training resolution; the short side is resized to it, then cropped.
+        center_crop: center crop (else a random crop).
+        random_flip: random horizontal flip. Faces are not symmetric: off by default for identity training.
+        batch_size: training batch size per device.
+        num_workers: data loader worker processes.
+        skip_bad_files: train on the good pairs and log the bad files, instead of stopping with the list.
+        validation_prompts: a text file with one prompt per line, or a list of prompts.
+        num_validation_prompts: how many of them (the first ones) to generate during ``fit`` (HW: 3);
+            ``None`` for all. ``validate`` and ``test`` use all.
+        validation_batch_size: prompts generated together.
+        predict_prompts: prompts for ``predict`` (file or list); default: the validation prompts.
+        images_per_prompt: images per prompt in ``predict``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/train",
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        skip_bad_files: bool = False,
+        validation_prompts: str | list[str] | None = None,
+        num_validation_prompts: int | None = 3,
+        validation_batch_size: int = 4,
+        predict_prompts: str | list[str] | None = None,
+        images_per_prompt: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.pairs: list[Pair] = []
+        self.train_dataset: ImageCaptionDataset | None = None
+        self._resume: dict[str, int] = {}
+
+    def prepare_data(self) -> None:
+        # Fail before the model trains a single step, with every problem of the folder in one message.
+        load_pairs(self.hparams.data_dir, self.hparams.skip_bad_files)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None and self.trainer is not None:
+            self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if stage == "fit" and self.train_dataset is None:
+            if self.tokenizer is None:
+                raise RuntimeError("FaceDataModule needs the base model's tokenizer (model.tokenizer).")
+            self.pairs = load_pairs(self.hparams.data_dir, self.hparams.skip_bad_files)
+            self.train_dataset = ImageCaptionDataset(
+                self.pairs,
+                self.tokenizer,
+                resolution=self.hparams.resolution,
+                center_crop=self.hparams.center_crop,
+                random_flip=self.hparams.random_flip,
+            )
+            rank_zero_info(f"Training on {len(self.pairs)} image-caption pairs from {self.hparams.data_dir}")
+
+    @property
+    def captions(self) -> list[str]:
+        """Training captions (for LoRA metadata such as the most common words)."""
+        return [pair.caption for pair in self.pairs]
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_dataset is not None
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = EpochSampler(
+            len(self.train_dataset),
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            rank=rank,
+            world_size=world_size,
+        )
+        batches_done = self._resume.pop("batches_done", 0)
+        if 0 < batches_done * self.hparams.batch_size < len(sampler):
+            sampler.skip = batches_done * self.hparams.batch_size
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
+        items = [{"prompt": p, "index": i, "repeat": r} for i, p in enumerate(prompts) for r in range(repeats)]
+        return DataLoader(items, batch_size=self.hparams.validation_batch_size, shuffle=False)
+
+    def validation_prompt_list(self, all_prompts: bool = False) -> list[str]:
+        prompts = read_prompts(self.hparams.validation_prompts, "data.validation_prompts")
+        limit = self.hparams.num_validation_prompts
+        return prompts if all_prompts or limit is None else prompts[:limit]
+
+    def val_dataloader(self) -> DataLoader | list:
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        prompts = self.validation_prompt_list(all_prompts=not fitting)
+        return self._prompt_loader(prompts) if prompts else []
+
+    def test_dataloader(self) -> DataLoader:
+        prompts = self.validation_prompt_list(all_prompts=True)
+        if not prompts:
+            raise ValueError("test needs prompts: set data.validation_prompts to a file or a list of prompts.")
+        return self._prompt_loader(prompts)
+
+    def predict_dataloader(self) -> DataLoader:
+        prompts = read_prompts(self.hparams.predict_prompts, "data.predict_prompts") or self.validation_prompt_list(
+            all_prompts=True
+        )
+        if not prompts:
+            raise ValueError("predict needs prompts: set data.predict_prompts (or data.validation_prompts).")
+        return self._prompt_loader(prompts, repeats=self.hparams.images_per_prompt)
+
+    def state_dict(self) -> dict[str, Any]:
+        # How far into the epoch training got, so that a resumed run skips those batches (see EpochSampler).
+        if self.trainer is None:
+            return {}
+        return {"batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)

@@ -1,0 +1,127 @@
+"""Pair every photo of a training folder with its caption, and refuse (or skip) what is broken.
+
+The folder holds ``NAME.jpg|.jpeg|.png|.webp`` beside ``NAME.txt``. Pairing is by file stem, never by sorting two
+lists side by side: one missing caption would otherwise shift every later caption onto the wrong photo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_SUFFIX = ".txt"
+
+
+class DataFolderError(ValueError):
+    """The training folder cannot be used as it is; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    caption: str
+
+
+@dataclass
+class FolderScan:
+    """The usable pairs of a folder and every problem found, by kind."""
+
+    folder: Path
+    pairs: list[Pair] = field(default_factory=list)
+    images_without_caption: list[Path] = field(default_factory=list)
+    captions_without_image: list[Path] = field(default_factory=list)
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        lines = [f"image without a caption file ({p.stem}.txt): {p}" for p in self.images_without_caption]
+        lines += [f"caption without an image: {p}" for p in self.captions_without_image]
+        lines += [f"{why}: {p}" for p, why in self.bad_files]
+        return lines
+
+    def report(self) -> str:
+        return "\n".join(f"  - {line}" for line in self.problems)
+
+
+def _read_caption(path: Path) -> tuple[str | None, str]:
+    try:
+        text = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8 text"
+    except OSError as err:
+        return None, f"caption cannot be read ({err.strerror})"
+    return (text, "") if text else (None, "caption is empty")
+
+
+def _check_image(path: Path) -> str:
+    if path.stat().st_size == 0:
+        return "image file is empty"
+    try:
+        with Image.open(path) as image:
+            image.load()  # verify() misses truncated files; a full decode does not
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"image cannot be read ({type(err).__name__}: {err})"
+    return ""
+
+
+def scan_folder(folder: str | Path) -> FolderScan:
+    """Pair images and captions of ``folder`` by stem and record every problem (reads each file once)."""
+    folder = Path(folder).expanduser()
+    scan = FolderScan(folder)
+    if not folder.is_dir():
+        raise DataFolderError(
+            f"Training data folder {folder} does not exist or is not a folder. "
+            "Set data.data_dir to a folder of NAME.jpg|.png|.webp photos, each beside a NAME.txt caption."
+        )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images: dict[str, Path] = {}
+    captions: dict[str, Path] = {}
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            if path.stem in images:
+                scan.bad_files.append((path, f"a second image for caption {path.stem}.txt"))
+                continue
+            images[path.stem] = path
+        elif suffix == CAPTION_SUFFIX:
+            captions[path.stem] = path
+    for stem, image in images.items():
+        if stem not in captions:
+            scan.images_without_caption.append(image)
+            continue
+        caption, why = _read_caption(captions[stem])
+        if caption is None:
+            scan.bad_files.append((captions[stem], why))
+            continue
+        why = _check_image(image)
+        if why:
+            scan.bad_files.append((image, why))
+            continue
+        scan.pairs.append(Pair(image, caption))
+    scan.captions_without_image = [p for stem, p in captions.items() if stem not in images]
+    return scan
+
+
+def load_pairs(folder: str | Path, skip_bad_files: bool = False) -> list[Pair]:
+    """The usable pairs of ``folder``; raise one error listing every problem unless ``skip_bad_files``."""
+    scan = scan_folder(folder)
+    if not scan.pairs:
+        detail = f"\n{scan.report()}" if scan.problems else ""
+        raise DataFolderError(
+            f"Training data folder {scan.folder} has no usable image-caption pair{detail}\n"
+            f"Put photos ({', '.join(IMAGE_SUFFIXES)}) there, each beside a caption file with the same name "
+            "and a .txt suffix."
+        )
+    if scan.problems and not skip_bad_files:
+        raise DataFolderError(
+            f"Training data folder {scan.folder} has {len(scan.problems)} problem(s):\n{scan.report()}\n"
+            "Fix or remove these files, or set data.skip_bad_files: true to train on the "
+            f"{len(scan.pairs)} good pair(s) and skip them."
+        )
+    if scan.problems:
+        rank_zero_warn(f"Skipping {len(scan.problems)} file(s) in {scan.folder}:\n{scan.report()}")
+    return scan.pairs

@@ -1,0 +1,70 @@
+"""The one DDPM noise-prediction loss that training and every test of it share."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
+from transformers import CLIPTextModel
+
+
+def loss_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀
+    (Salimans & Ho 2022, "Progressive Distillation"), as the scheduler's ``prediction_type`` says."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"Unsupported prediction_type {prediction_type!r}: use epsilon or v_prediction.")
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556): min(SNR, γ)/SNR for epsilon targets and
+    min(SNR, γ)/(SNR + 1) for v targets, since the v loss already weighs each step by SNR + 1."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Encode to latents, noise them at uniform random timesteps and score the UNet's prediction (MSE).
+
+    Draws from the global torch RNG: the caller decides its seed.
+    """
+    with torch.no_grad():
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+        latents = latents * vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        # Offset noise (Guttenberg 2023, crosslabs.org "diffusion with offset noise"): lets the model learn
+        # overall brightness, which zero-mean noise at the last timestep never removes.
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    batch_size = latents.shape[0]
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device
+    ).long()
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+    prediction = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = loss_target(scheduler, latents, noise, timesteps)
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    return (loss * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

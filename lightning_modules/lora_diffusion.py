@@ -1,0 +1,253 @@
+"""Stable Diffusion 1.x with a LoRA-wrapped UNet (and optionally text encoder), trained by DDPM noise prediction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from peft import LoraConfig
+from PIL import Image
+
+from lightning_modules.base_model import load_base_model
+from lightning_modules.diffusion_loss import diffusion_loss
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LRScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+class LoRADiffusion(L.LightningModule):
+    """Frozen VAE and text encoder, UNet (and optionally text encoder) with peft LoRA adapters.
+
+    Args:
+        pretrained_model_name_or_path: Hub id, local diffusers folder, or single ``.safetensors``/``.ckpt`` file.
+        revision: Hub revision (branch, tag or commit).
+        variant: weight file variant, e.g. ``fp16``.
+        model_config: a local diffusers folder holding the configs and tokenizer, for a single-file checkpoint
+            offline.
+        frozen_dtype: dtype of the frozen weights. ``float16``/``bfloat16`` halve memory and need a
+            ``*-mixed`` trainer precision; LoRA weights always stay float32.
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA alpha; the update is scaled by ``alpha / r``.
+        lora_dropout: dropout on the LoRA input.
+        lora_init: peft ``init_lora_weights`` (``true``: Kaiming A, zero B; ``gaussian``; ...).
+        unet_target_modules: UNet modules to wrap (default attention projections ``to_q,to_k,to_v,to_out.0``).
+        train_text_encoder: also wrap the text encoder with LoRA.
+        text_encoder_target_modules: text-encoder modules to wrap (default ``q_proj,k_proj,v_proj,out_proj``).
+        text_encoder_lr: learning rate of the text-encoder LoRA; default: the optimizer's.
+        optimizer: optimizer factory, called with the trainable parameter groups (default AdamW, lr 1e-4).
+        lr_scheduler: diffusers ``get_scheduler`` name, stepped every optimizer step.
+        lr_warmup_steps: linear warmup steps.
+        lr_num_cycles: cycles of ``cosine_with_restarts``.
+        noise_offset: offset noise strength (0 = off).
+        snr_gamma: min-SNR-gamma loss weighting (``None`` = plain MSE; 5 is the paper's choice).
+        prediction_type: ``epsilon`` or ``v_prediction``; default: the base model scheduler's.
+        num_inference_steps: sampler steps when generating (validation, test, predict; HW: 30).
+        guidance_scale: classifier-free guidance scale when generating (diffusers' default 7.5).
+        negative_prompt: negative prompt when generating.
+        image_size: generated image side; default: the UNet's native size.
+        sampler: diffusers scheduler class name for generating, e.g. ``DPMSolverMultistepScheduler``;
+            default: the base model's own.
+        generation_seed: image ``i`` of prompt ``p`` is generated with seed ``generation_seed + p`` (+ 1000 ``i``).
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        model_config: str | None = None,
+        frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_dropout: float = 0.0,
+        lora_init: bool | Literal["gaussian", "pissa", "olora", "orthogonal"] = True,
+        unet_target_modules: list[str] | None = None,
+        train_text_encoder: bool = False,
+        text_encoder_target_modules: list[str] | None = None,
+        text_encoder_lr: float | None = None,
+        optimizer: OptimizerCallable = adamw,
+        lr_scheduler: LRScheduler = "constant",
+        lr_warmup_steps: int = 0,
+        lr_num_cycles: int = 1,
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+        image_size: int | None = None,
+        sampler: str | None = None,
+        generation_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optimizer_factory = optimizer
+        base = load_base_model(pretrained_model_name_or_path, revision, variant, config=model_config)
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.noise_scheduler = base.noise_scheduler
+        if prediction_type is not None:
+            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        self.vae, self.text_encoder, self.unet = base.vae, base.text_encoder, base.unet
+
+        # Freeze everything visibly, then add the adapters: peft marks only LoRA tensors trainable.
+        dtype = getattr(torch, frozen_dtype)
+        for frozen in (self.vae, self.text_encoder, self.unet):
+            frozen.requires_grad_(False)
+            frozen.to(dtype)
+        self.vae.eval()
+        self.unet.add_adapter(self._lora_config(unet_target_modules or UNET_TARGETS))
+        if train_text_encoder:
+            self.text_encoder.add_adapter(self._lora_config(text_encoder_target_modules or TEXT_ENCODER_TARGETS))
+        else:
+            self.text_encoder.eval()
+        # LoRA weights train in float32 whatever the frozen dtype: half-precision updates of small LoRA
+        # weights underflow (diffusers' examples `cast_training_params`).
+        for param in self.trainable_parameters():
+            param.data = param.data.float()
+        # Checkpoints hold only trainable tensors, so a load must not demand the frozen ones (see on_load_checkpoint).
+        self.strict_loading = False
+
+    def _lora_config(self, targets: list[str]) -> LoraConfig:
+        hp = self.hparams
+        return LoraConfig(
+            r=hp.lora_rank,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            init_lora_weights=hp.lora_init,
+            target_modules=list(targets),
+        )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    # --- training -------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=self.global_step)
+
+    def step_seed(self) -> int:
+        """A seed that is a pure function of (run seed, batch number, rank): noise, timesteps and dropout of a
+        batch are the same whether the run was resumed or not, whatever else consumed the global RNG."""
+        batch_number = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
+        base_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return (base_seed * 1_000_003 + batch_number * 101 + self.global_rank) % 2**63
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.step_seed())
+            loss = diffusion_loss(
+                self.vae,
+                self.text_encoder,
+                self.unet,
+                self.noise_scheduler,
+                batch["pixel_values"],
+                batch["input_ids"],
+                noise_offset=self.hparams.noise_offset,
+                snr_gamma=self.hparams.snr_gamma,
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": unet_params, "name": "unet"}]
+        if self.hparams.train_text_encoder:
+            te_group = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "name": "te"}
+            if self.hparams.text_encoder_lr is not None:
+                te_group["lr"] = self.hparams.text_encoder_lr
+            groups.append(te_group)
+        optimizer = self.optimizer_factory(groups)
+        scheduler = get_scheduler(
+            self.hparams.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=self.hparams.lr_warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+            num_cycles=self.hparams.lr_num_cycles,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- small checkpoints ----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only the LoRA tensors: the frozen base model is reloaded from `pretrained_model_name_or_path`.
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.trainable_names() - set(checkpoint.get("state_dict", {})))
+        if missing:
+            shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise KeyError(
+                f"The checkpoint lacks {len(missing)} trainable LoRA tensor(s) of this model:\n  {shown}\n"
+                "It was probably trained with other LoRA settings (rank, target modules, train_text_encoder): "
+                "use the config it was trained with."
+            )
+        states = checkpoint.get("rng_states", {})
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+    # --- generation (validation, test, predict) -------------------------------------------------------------
+
+    def seeds_for(self, batch: dict[str, Any]) -> list[int]:
+        repeats = batch.get("repeat", torch.zeros_like(batch["index"]))
+        return [self.hparams.generation_seed + int(i) + 1000 * int(r) for i, r in zip(batch["index"], repeats)]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        """One image per prompt with the in-memory (LoRA) UNet and text encoder; seed ``seeds[i]`` for image i."""
+        hp = self.hparams
+        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
+        pipeline.set_progress_bar_config(disable=True)
+        size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
+        # CPU generators: the same seed gives the same image on any device.
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipeline(
+            prompts,
+            negative_prompt=[hp.negative_prompt] * len(prompts) if hp.negative_prompt else None,
+            num_inference_steps=hp.num_inference_steps,
+            guidance_scale=hp.guidance_scale,
+            height=size,
+            width=size,
+            generator=generators,
+            output_type="pil",
+        ).images
+
+    def _generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        seeds = self.seeds_for(batch)
+        prompts = list(batch["prompt"])
+        return {"images": self.generate(prompts, seeds), "prompts": prompts, "seeds": seeds}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._generate_batch(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._generate_batch(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._generate_batch(batch)
