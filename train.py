@@ -1,17 +1,20 @@
 """likeness: train a face LoRA for Stable Diffusion 1.x and watch identity metrics while it trains.
 
-    python train.py fit --config configs/brad.yaml
-    python train.py fit --config configs/brad.yaml --ckpt_path last        # resume
-    python train.py test --config configs/brad.yaml --ckpt_path CKPT
-    python train.py --help
+python train.py fit --config configs/brad.yaml
+python train.py fit --config configs/brad.yaml --ckpt_path last        # resume
+python train.py test --config configs/brad.yaml --ckpt_path CKPT
+python train.py --help
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,6 +31,17 @@ STRUCTURAL_SETTINGS = (
     "train_text_encoder",
     "text_encoder_target_modules",
 )
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain data (jsonargparse Namespaces and tuples vs. the checkpoint's dicts and lists)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 class LikenessCLI(LightningCLI):
@@ -64,9 +78,10 @@ class LikenessCLI(LightningCLI):
         model = self.config[subcommand]["model"]
         conflicts, changes = [], []
         for key, old in saved.items():
-            if key.startswith("_") or key not in model or old == model[key]:
+            new = _plain(model.get(key))
+            if key.startswith("_") or key not in model or _plain(old) == new:
                 continue
-            line = f"model.{key}: checkpoint {old!r}, config {model[key]!r}"
+            line = f"model.{key}: checkpoint {old!r}, config {new!r}"
             (conflicts if key in STRUCTURAL_SETTINGS else changes).append(line)
         if conflicts:
             raise ValueError(
@@ -86,6 +101,8 @@ def main(args: list[str] | None = None) -> LikenessCLI:
     from lightning_modules.base_model import BaseModelError
 
     torch.set_float32_matmul_precision("high")
+    # FaceDataModule's EpochSampler does resume mid-epoch (it skips the batches already trained on).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         return LikenessCLI(
             LoRADiffusion,

@@ -56,9 +56,7 @@ def diffusion_loss(
         # overall brightness, which zero-mean noise at the last timestep never removes.
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
     batch_size = latents.shape[0]
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device
-    ).long()
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device).long()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
     prediction = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import diffusers
 import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
@@ -18,9 +19,16 @@ from lightning_modules.diffusion_loss import diffusion_loss
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LRScheduler = Literal[
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+def sampler_class(name: str) -> type[diffusers.SchedulerMixin]:
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(
+            f"model.sampler: {name!r} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler)."
+        )
+    return cls
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -106,7 +114,8 @@ class LoRADiffusion(L.LightningModule):
         dtype = getattr(torch, frozen_dtype)
         for frozen in (self.vae, self.text_encoder, self.unet):
             frozen.requires_grad_(False)
-            frozen.to(dtype)
+            if frozen.dtype != dtype:
+                frozen.to(dtype)
         self.vae.eval()
         self.unet.add_adapter(self._lora_config(unet_target_modules or UNET_TARGETS))
         if train_text_encoder:
@@ -173,7 +182,10 @@ class LoRADiffusion(L.LightningModule):
         unet_params = [p for p in self.unet.parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": unet_params, "name": "unet"}]
         if self.hparams.train_text_encoder:
-            te_group = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "name": "te"}
+            te_group = {
+                "params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+                "name": "te",
+            }
             if self.hparams.text_encoder_lr is not None:
                 te_group["lr"] = self.hparams.text_encoder_lr
             groups.append(te_group)
@@ -216,13 +228,17 @@ class LoRADiffusion(L.LightningModule):
 
     def seeds_for(self, batch: dict[str, Any]) -> list[int]:
         repeats = batch.get("repeat", torch.zeros_like(batch["index"]))
-        return [self.hparams.generation_seed + int(i) + 1000 * int(r) for i, r in zip(batch["index"], repeats)]
+        return [
+            self.hparams.generation_seed + int(i) + 1000 * int(r) for i, r in zip(batch["index"], repeats, strict=True)
+        ]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per prompt with the in-memory (LoRA) UNet and text encoder; seed ``seeds[i]`` for image i."""
         hp = self.hparams
-        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
+        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder)
+        if hp.sampler is not None:
+            pipeline.scheduler = sampler_class(hp.sampler).from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
         size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
         # CPU generators: the same seed gives the same image on any device.

@@ -78,9 +78,10 @@ def test_resize_crop_scale(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(pixels, reference)
     # Captions are padded to the tokenizer's max length.
     assert item["input_ids"].shape == (tiny_tokenizer.model_max_length,)
-    assert item["input_ids"].tolist() == tiny_tokenizer(
-        "a photo", padding="max_length", max_length=tiny_tokenizer.model_max_length
-    ).input_ids
+    assert (
+        item["input_ids"].tolist()
+        == tiny_tokenizer("a photo", padding="max_length", max_length=tiny_tokenizer.model_max_length).input_ids
+    )
 
 
 def test_random_crop_and_flip_follow_the_seed(tmp_path, tiny_tokenizer):
@@ -88,9 +89,9 @@ def test_random_crop_and_flip_follow_the_seed(tmp_path, tiny_tokenizer):
     dataset = ImageCaptionDataset(
         [Pair(tmp_path / "x.png", "c")], tiny_tokenizer, resolution=40, center_crop=False, random_flip=True
     )
-    full = torch.from_numpy(
-        np.asarray(Image.fromarray(gradient_image(90, 40))).astype(np.float32) / 127.5 - 1
-    ).permute(2, 0, 1)
+    full = torch.from_numpy(np.asarray(Image.fromarray(gradient_image(90, 40))).astype(np.float32) / 127.5 - 1).permute(
+        2, 0, 1
+    )
     seen = set()
     for seed in range(40):
         a, b = dataset[(0, seed)]["pixel_values"], dataset[(0, seed)]["pixel_values"]

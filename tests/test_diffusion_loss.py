@@ -1,0 +1,115 @@
+"""Loss targets and min-SNR weights against formulas computed independently from the betas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lightning_modules.diffusion_loss import diffusion_loss, loss_target, min_snr_weights
+
+
+def sd_scheduler(prediction_type: str) -> DDPMScheduler:
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
+
+
+def alphas_cumprod_numpy() -> np.ndarray:
+    # SD1's "scaled_linear" schedule, written out: betas linear in sqrt space.
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1 - betas)
+
+
+def test_targets_epsilon_and_v():
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    a = torch.from_numpy(alphas_cumprod_numpy()[t.numpy()]).float().view(-1, 1, 1, 1)
+    assert loss_target(sd_scheduler("epsilon"), x0, noise, t) is noise
+    expected_v = a.sqrt() * noise - (1 - a).sqrt() * x0  # Salimans & Ho 2022, eq. for v
+    torch.testing.assert_close(loss_target(sd_scheduler("v_prediction"), x0, noise, t), expected_v)
+    with pytest.raises(ValueError, match="prediction_type"):
+        loss_target(sd_scheduler("sample"), x0, noise, t)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights(prediction_type):
+    t = torch.tensor([0, 10, 100, 400, 999])
+    a = alphas_cumprod_numpy()[t.numpy()]
+    snr = a / (1 - a)
+    gamma = 5.0
+    denominator = snr if prediction_type == "epsilon" else snr + 1
+    expected = np.minimum(snr, gamma) / denominator
+    got = min_snr_weights(sd_scheduler(prediction_type), t, gamma).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # High-noise steps (SNR < gamma) keep weight 1 for epsilon; low-noise steps are down-weighted.
+    if prediction_type == "epsilon":
+        assert got[-1] == pytest.approx(1.0) and got[0] < 0.01
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in UNet that returns a fixed prediction and records what it was given."""
+
+    def __init__(self, prediction):
+        super().__init__()
+        self.prediction = prediction
+        self.dtype = torch.float32
+
+    def forward(self, noisy, timesteps, hidden, return_dict=False):
+        self.noisy, self.timesteps = noisy, timesteps
+        return (self.prediction,)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_diffusion_loss_matches_a_manual_computation(tiny_sd, prediction_type, snr_gamma):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    scheduler = sd_scheduler(prediction_type)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    ids = torch.randint(0, 100, (2, 77))
+    prediction = torch.randn(2, 4, 32, 32)
+    unet = Recorder(prediction)
+
+    torch.manual_seed(7)
+    loss = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids, snr_gamma=snr_gamma)
+
+    # Replay the same random draws by hand: latent sample, noise, timesteps.
+    torch.manual_seed(7)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (2,))
+    assert torch.equal(unet.timesteps, t)
+    a = torch.from_numpy(alphas_cumprod_numpy()[t.numpy()]).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(unet.noisy, a.sqrt() * latents + (1 - a).sqrt() * noise, rtol=1e-4, atol=1e-4)
+    target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        snr = (a / (1 - a)).flatten()
+        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(loss, per_sample.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_noise_offset_shifts_each_channel(tiny_sd):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    scheduler = sd_scheduler("epsilon")
+    pixels = torch.zeros(1, 3, 64, 64)
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    unet = Recorder(torch.zeros(1, 4, 32, 32))
+    torch.manual_seed(3)
+    plain = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids)
+    torch.manual_seed(3)
+    offset = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids, noise_offset=10.0)
+    # With a zero prediction the loss is E[noise^2]: a large per-channel offset raises it far above 1.
+    assert plain.item() == pytest.approx(1.0, abs=0.2)
+    assert offset.item() > 5
