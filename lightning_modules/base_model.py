@@ -1,0 +1,375 @@
+"""Load the Stable Diffusion 1.x base model from a Hub id, a diffusers folder or a single checkpoint file.
+
+``load_base_model`` returns the five parts training needs (tokenizer, text encoder, VAE, UNet, DDPM noise
+schedule) plus the model's own sampler config for inference. The product trains SD1.x only: SD2, SDXL,
+inpainting and other families are refused with a message saying so, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    create_diffusers_clip_model_from_ldm,
+    infer_diffusers_model_type,
+)
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from transformers import CLIPTextModel, CLIPTokenizer
+
+# SD1.5's diffusers configs (no weights) for single-file checkpoints loaded without a `config` folder.
+SD15_CONFIG_DIR = Path(__file__).parent / "model_configs" / "sd15"
+# Where the SD1.5 tokenizer comes from when the config folder has none (it is too big to ship).
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# One probe with a short timeout: huggingface_hub's own calls retry with backoff for ~25 s without network.
+HUB_PROBE_TIMEOUT_S = 10.0
+# The original (CompVis/LDM) key prefixes of an SD1.x single-file checkpoint.
+LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text encoder": "cond_stage_model.transformer.",
+}
+_NOT_SD1_TYPES = {
+    "v2": "Stable Diffusion 2.x",
+    "inpainting_v2": "a Stable Diffusion 2.x inpainting model",
+    "inpainting": "an inpainting model (9-channel UNet)",
+    "xl_base": "SDXL",
+    "xl_refiner": "the SDXL refiner",
+    "xl_inpaint": "an SDXL inpainting model",
+    "playground-v2-5": "Playground v2.5 (SDXL family)",
+    "upscale": "the SD x4 upscaler",
+}
+
+
+class BaseModelError(ValueError):
+    """The base model setting points at something that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class BaseModel:
+    """The loaded parts of an SD1.x model.
+
+    Attributes:
+        tokenizer: CLIP tokenizer.
+        text_encoder: CLIP text encoder.
+        vae: KL autoencoder.
+        unet: Conditional denoising UNet.
+        noise_scheduler: DDPM schedule built from the model's scheduler config, for training.
+        sampler_config: The model's own scheduler config (with ``_class_name``), for inference.
+        source: What was loaded (Hub id or path), for model cards and metadata.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    sampler_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def sampler(self) -> diffusers.SchedulerMixin:
+        """Return a fresh instance of the model's own inference scheduler."""
+        name = self.sampler_config.get("_class_name", "PNDMScheduler")
+        cls = getattr(diffusers, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            raise BaseModelError(f"{self.source}: scheduler class {name!r} is not a diffusers scheduler.")
+        return cls.from_config(self.sampler_config)
+
+    def pipeline(
+        self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None
+    ) -> StableDiffusionPipeline:
+        """Build an inference pipeline sharing these modules (no weights are copied).
+
+        Args:
+            unet: UNet to use instead of ``self.unet``, e.g. the LoRA-wrapped one being trained.
+            text_encoder: Text encoder to use instead of ``self.text_encoder``.
+        """
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder if text_encoder is None else text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet if unet is None else unet,
+            scheduler=self.sampler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def load_base_model(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    config: str | None = None,
+) -> BaseModel:
+    """Load an SD1.x model from a Hub id, a local diffusers folder or a ``.safetensors``/``.ckpt`` file.
+
+    Args:
+        pretrained_model_name_or_path: Hub id (``org/name``), diffusers folder, or single checkpoint file.
+        revision: Hub branch, tag or commit (Hub ids only).
+        variant: Weight file variant such as ``"fp16"`` (Hub ids and folders only).
+        torch_dtype: dtype to load the weights in; None keeps the stored one.
+        config: Single files only: a local diffusers folder with the component configs and tokenizer.
+            Default: the bundled SD1.5 configs, with the tokenizer from the Hub cache.
+
+    Raises:
+        BaseModelError: The model is missing, unreachable, not SD1.x, or not a model at all.
+    """
+    name = str(pretrained_model_name_or_path)
+    path = Path(os.path.expanduser(name))
+    if path.is_file():
+        if revision is not None or variant is not None:
+            raise BaseModelError(f"{name}: `revision`/`variant` apply to Hub ids and folders, not single files.")
+        return _load_single_file(path, config, torch_dtype)
+    if config is not None:
+        raise BaseModelError(f"{name}: `config` applies to single checkpoint files only; remove it.")
+    if path.is_dir():
+        return _load_diffusers(name, str(path), _read_model_index(path), None, variant, torch_dtype, True)
+    if _looks_like_path(name):
+        raise BaseModelError(
+            f"{name}: no such file or folder. Point model.pretrained_model_name_or_path at an existing "
+            f"diffusers folder or a {'/'.join(CHECKPOINT_SUFFIXES)} file, or give a Hub id "
+            f"like '{SD15_HUB_ID}'."
+        )
+    local_only = _hub_local_only(name, revision)
+    try:
+        index_file = hf_hub_download(name, "model_index.json", revision=revision, local_files_only=local_only)
+    except LocalEntryNotFoundError as e:
+        raise BaseModelError(_offline_message(name)) from e
+    except EntryNotFoundError as e:
+        raise BaseModelError(
+            f"{name}: not a diffusers model repo (no model_index.json). Give the id of an SD1.x diffusers "
+            "model, or download its single checkpoint file and point at that file."
+        ) from e
+    except OSError as e:
+        raise BaseModelError(f"{_offline_message(name)} ({e})") from e
+    index = json.loads(Path(index_file).read_text())
+    return _load_diffusers(name, name, index, revision, variant, torch_dtype, local_only)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A string that cannot be a Hub id (``org/name``) is meant as a local path."""
+    return (
+        name.startswith((".", "~", "/"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.lower().endswith(CHECKPOINT_SUFFIXES)
+    )
+
+
+def _offline_message(repo_id: str) -> str:
+    return (
+        f"{repo_id}: cannot download it (offline, HF_HUB_OFFLINE=1, or the Hub is unreachable) and there is "
+        f"no local copy in the Hugging Face cache. On a machine with network run `hf download {repo_id} "
+        f"--local-dir DIR`, copy DIR here and set model.pretrained_model_name_or_path: DIR."
+    )
+
+
+def _hub_local_only(repo_id: str, revision: str | None) -> bool:
+    """Whether to use the local cache only: offline mode, or the Hub does not answer one quick probe."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return True
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError as e:
+        raise BaseModelError(
+            f"{repo_id}: gated on the Hub. Accept its license on huggingface.co and log in (`hf auth login`)."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise BaseModelError(f"{repo_id}: revision {revision!r} not found on the Hub.") from e
+    except RepositoryNotFoundError as e:
+        raise BaseModelError(
+            f"{repo_id}: not a local path and not a model on the Hub (or a private one: log in with `hf auth login`)."
+        ) from e
+    except HFValidationError as e:
+        raise BaseModelError(f"{repo_id}: neither an existing path nor a valid Hub id ('org/name').") from e
+    except Exception:  # noqa: BLE001 - any network failure: fall back to the cache, which says what's missing
+        return True
+    return False
+
+
+def _read_model_index(folder: Path) -> dict[str, Any]:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        files = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        hint = f" It holds {files}: pass that file instead." if files else ""
+        raise BaseModelError(
+            f"{folder}: not a diffusers model folder (no model_index.json).{hint} Point "
+            "model.pretrained_model_name_or_path at a diffusers folder, a checkpoint file, or a Hub id."
+        )
+    return json.loads(index_file.read_text())
+
+
+def _check_sd1(source: str, index: dict[str, Any], unet_config: dict[str, Any]) -> None:
+    """Refuse anything that is not an SD1.x text-to-image model, by structure (sizes vary)."""
+    refuse = f"{source}: this is not a Stable Diffusion 1.x model ({{}}); likeness trains SD1.x models only."
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise BaseModelError(refuse.format("SDXL: it has a second text encoder"))
+    expected = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+    for part, cls in expected.items():
+        found = (index.get(part) or [None, None])[1]
+        if found != cls:
+            raise BaseModelError(refuse.format(f"its {part} is {found}, expected {cls}"))
+    dim = unet_config.get("cross_attention_dim")
+    if dim in (1024, 2048) or not isinstance(dim, int):
+        family = {1024: "SD2.x: cross_attention_dim 1024", 2048: "SDXL: cross_attention_dim 2048"}
+        raise BaseModelError(refuse.format(family.get(dim, f"cross_attention_dim {dim}")))
+    if unet_config.get("in_channels") != 4 or unet_config.get("addition_embed_type") is not None:
+        raise BaseModelError(refuse.format(f"UNet with {unet_config.get('in_channels')} input channels"))
+
+
+def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict[str, Any], source: str) -> BaseModel:
+    return BaseModel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        noise_scheduler=DDPMScheduler.from_config(scheduler_config),
+        sampler_config=dict(scheduler_config),
+        source=source,
+    )
+
+
+def _load_diffusers(
+    source: str,
+    where: str,
+    index: dict[str, Any],
+    revision: str | None,
+    variant: str | None,
+    torch_dtype: torch.dtype | None,
+    local_only: bool,
+) -> BaseModel:
+    """Load a diffusers-layout model (folder or Hub id) component by component."""
+    common = {"revision": revision, "local_files_only": local_only}
+    try:
+        unet_config = UNet2DConditionModel.load_config(where, subfolder="unet", **common)
+        _check_sd1(source, index, unet_config)
+        weights = {**common, "variant": variant, "torch_dtype": torch_dtype}
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights)
+        tokenizer = _checked_tokenizer(
+            CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **common), f"{source} (tokenizer)"
+        )
+        scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler", **common)
+    except BaseModelError:
+        raise
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"{source}: could not load it as a diffusers SD1.x model: {e}") from e
+    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source)
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Read a single-file checkpoint without executing code: safetensors, or a tensors-only torch pickle."""
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise BaseModelError(f"{path}: not a {' or '.join(CHECKPOINT_SUFFIXES)} checkpoint file.")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            state = safetensors.torch.load_file(path)
+        else:
+            # weights_only refuses arbitrary objects; mmap avoids a second copy of multi-GB files.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise BaseModelError(
+            f"{path}: this .ckpt holds Python objects besides tensors, which are not loaded for safety. "
+            "Use a .safetensors version of the model, or its diffusers folder."
+        ) from e
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise assorted types for broken files
+        raise BaseModelError(f"{path}: cannot read the checkpoint (incomplete download?): {e}") from e
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def _check_sd1_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    model_type = infer_diffusers_model_type(state)
+    if model_type in _NOT_SD1_TYPES:
+        raise BaseModelError(
+            f"{path}: this is {_NOT_SD1_TYPES[model_type]}, not a Stable Diffusion 1.x model; "
+            "likeness trains SD1.x models only."
+        )
+    missing = [part for part, prefix in LDM_PREFIXES.items() if not any(k.startswith(prefix) for k in state)]
+    if missing:
+        raise BaseModelError(
+            f"{path}: not a full SD1.x checkpoint (no {', '.join(missing)} weights under the original "
+            f"{'/'.join(LDM_PREFIXES.values())} keys). LoRA, VAE-only or diffusers-layout files cannot be a "
+            "base model: use the complete model file, its diffusers folder or its Hub id."
+        )
+
+
+def _checked_tokenizer(tokenizer: CLIPTokenizer, where: str) -> CLIPTokenizer:
+    # transformers 5 returns a vocabulary-less tokenizer instead of failing when vocab.json is missing.
+    if len(tokenizer.get_vocab()) < 256:
+        raise BaseModelError(f"{where}: the tokenizer has no vocabulary (vocab.json/merges.txt missing).")
+    return tokenizer
+
+
+def _load_tokenizer(config_dir: Path) -> CLIPTokenizer:
+    """The config folder's tokenizer if it has one, else SD1.5's from the Hub (cache)."""
+    if (config_dir / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
+        return _checked_tokenizer(tokenizer, str(config_dir / "tokenizer"))
+    try:
+        local_only = _hub_local_only(SD15_HUB_ID, None)
+        snapshot = snapshot_download(SD15_HUB_ID, allow_patterns=["tokenizer/*"], local_files_only=local_only)
+        tokenizer = CLIPTokenizer.from_pretrained(Path(snapshot) / "tokenizer", local_files_only=True)
+        return _checked_tokenizer(tokenizer, f"{SD15_HUB_ID} (tokenizer)")
+    except (OSError, BaseModelError) as e:
+        raise BaseModelError(
+            f"{config_dir}: has no tokenizer, and SD1.5's ({SD15_HUB_ID}, subfolder tokenizer) is neither in "
+            "the Hugging Face cache nor downloadable (offline?); single-file checkpoints do not contain "
+            "one. On a machine with network run `hf download "
+            f"{SD15_HUB_ID} --include '*.json' '*.txt' --local-dir DIR` (about 2 MB, no weights), copy DIR "
+            "here and set model.model_config: DIR."
+        ) from e
+
+
+def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype | None) -> BaseModel:
+    """Load an original-layout (CompVis/LDM) SD1.x checkpoint with diffusers' single-file converters."""
+    config_dir = SD15_CONFIG_DIR if config is None else Path(os.path.expanduser(config))
+    if not config_dir.is_dir():
+        raise BaseModelError(
+            f"{config}: `config` must be a local diffusers folder (model_index.json, unet/, vae/, "
+            "text_encoder/, tokenizer/, scheduler/ configs); no such folder."
+        )
+    index = _read_model_index(config_dir)
+    # The tokenizer first: a missing one is a setup problem best reported before reading gigabytes.
+    tokenizer = _load_tokenizer(config_dir)
+    state = _read_checkpoint(path)
+    _check_sd1_checkpoint(path, state)
+    try:
+        unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
+        _check_sd1(str(config_dir), index, unet_config)
+        # A local `config` folder keeps every step offline: no original YAML, no Hub config lookup.
+        kwargs = {"config": str(config_dir), "torch_dtype": torch_dtype, "local_files_only": True}
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **kwargs)
+        text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **kwargs)
+        scheduler_config = DDPMScheduler.load_config(config_dir, subfolder="scheduler")
+    except BaseModelError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BaseModelError(
+            f"{path}: its weights do not fit the configs in {config_dir}: {e}. Set `config` to a diffusers "
+            "folder of the same architecture."
+        ) from e
+    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, str(path))

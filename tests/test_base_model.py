@@ -1,0 +1,388 @@
+"""Tests for lightning_modules.base_model: folders, single files (original LDM layout), errors, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lightning_modules import base_model as bm
+from lightning_modules.base_model import BaseModelError, load_base_model
+from lightning_modules.tiny_sd import save_tiny_sd
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers -> original (CompVis/LDM) key layout: the inverse of diffusers' single-file converters, after
+# diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py (not in the wheel), generalised to any
+# block count / layers_per_block so it fits the tiny model.
+# ---------------------------------------------------------------------------------------------------------
+_RESNET = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename a diffusers UNet state dict to ``model.diffusion_model.*`` keys."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    down_attn = ["CrossAttn" in t for t in config["down_block_types"]]
+    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    pairs = [  # (diffusers prefix, ldm prefix)
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ]
+    for i in range(n):
+        for j in range(per):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * (per + 1) + j + 1}.0."))
+            if down_attn[i]:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * (per + 1) + j + 1}.1."))
+        for j in range(per + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * (per + 1) + j}.0."))
+            if up_attn[i]:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * (per + 1) + j}.1."))
+        if i < n - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (per + 1)}.0.op."))
+            slot = 2 if up_attn[i] else 1
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (per + 1) + per}.{slot}."))
+    out = {}
+    for key, value in state.items():
+        hf, ldm = next((h, s) for h, s in pairs if key.startswith(h))
+        rest = key[len(hf) :]
+        if ".resnets." in hf:
+            for old, new in _RESNET:
+                rest = rest.replace(old, new) if rest.startswith(old + ".") else rest
+        out["model.diffusion_model." + ldm + rest] = value
+    assert len(out) == len(state)
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename a diffusers VAE state dict to ``first_stage_model.*`` keys (1x1-conv attention)."""
+    n, per = len(config["block_out_channels"]), config["layers_per_block"]
+    pairs = [
+        ("conv_shortcut", "nin_shortcut"),
+        ("conv_norm_out", "norm_out"),
+        ("mid_block.attentions.0.", "mid.attn_1."),
+    ]
+    for i in range(n):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(per)]
+        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.") for j in range(per + 1)]
+        if i < n - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.", f"down.{i}.downsample."))
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"up.{n - 1 - i}.upsample."))
+    pairs += [(f"mid_block.resnets.{i}.", f"mid.block_{i + 1}.") for i in range(2)]
+    attn = [
+        ("group_norm.", "norm."),
+        ("to_q.", "q."),
+        ("to_k.", "k."),
+        ("to_v.", "v."),
+        ("to_out.0.", "proj_out."),
+    ]
+    out = {}
+    for key, value in state.items():
+        new = key
+        for hf, ldm in pairs:
+            new = new.replace(hf, ldm)
+        if ".attn_1." in new:
+            for hf, ldm in attn:
+                new = new.replace(hf, ldm)
+            if value.ndim == 2:  # the original attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        out["first_stage_model." + new] = value
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a CLIP text model state dict to ``cond_stage_model.transformer.text_model.*`` keys."""
+    out = {f"cond_stage_model.transformer.text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
+    # Real SD1.x checkpoints carry this buffer; the loader must cope with it.
+    n_pos = state[next(k for k in state if k.endswith("position_embedding.weight"))].shape[0]
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(n_pos)[None]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("base_model") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path) -> dict:
+    """The tiny model loaded straight through diffusers/transformers, independent of base_model."""
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(tiny_dir, subfolder="text_encoder"),
+        "tokenizer": CLIPTokenizer.from_pretrained(tiny_dir, subfolder="tokenizer"),
+    }
+
+
+@pytest.fixture(scope="module")
+def ldm_state(reference: dict) -> dict[str, torch.Tensor]:
+    state = unet_to_ldm(reference["unet"].state_dict(), dict(reference["unet"].config))
+    state |= vae_to_ldm(reference["vae"].state_dict(), dict(reference["vae"].config))
+    state |= clip_to_ldm(reference["text_encoder"].state_dict())
+    return {k: v.contiguous().clone() for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def single_files(ldm_state: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("single")
+    safetensors.torch.save_file(ldm_state, folder / "tiny.safetensors")
+    torch.save({"state_dict": ldm_state, "global_step": 3}, folder / "tiny.ckpt")
+    return {"safetensors": folder / "tiny.safetensors", "ckpt": folder / "tiny.ckpt"}
+
+
+def assert_same_model(model: bm.BaseModel, reference: dict) -> None:
+    """Every weight equal, and equal forward outputs on the same inputs."""
+    for part in ("unet", "vae", "text_encoder"):
+        got, want = getattr(model, part).state_dict(), reference[part].state_dict()
+        assert set(got) == set(want), part
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{part}.{key}"
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (2, 77), generator=gen)
+    latents, image = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(1, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        hidden = reference["text_encoder"](ids)[0]
+        assert torch.equal(model.text_encoder(ids)[0], hidden)
+        unet_in = (latents, torch.tensor([10, 900]), hidden)
+        assert torch.equal(model.unet(*unet_in).sample, reference["unet"](*unet_in).sample)
+        assert torch.equal(model.vae(image).sample, reference["vae"](image).sample)
+    assert model.tokenizer("a photo").input_ids == reference["tokenizer"]("a photo").input_ids
+
+
+def sd15_betas() -> torch.Tensor:
+    """SD1.x's "scaled_linear" training schedule, computed from its definition."""
+    return torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64).pow(2).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def test_diffusers_folder(tiny_dir: Path, reference: dict) -> None:
+    model = load_base_model(str(tiny_dir))
+    assert_same_model(model, reference)
+    assert model.source == str(tiny_dir)
+    torch.testing.assert_close(model.noise_scheduler.betas, sd15_betas(), rtol=1e-6, atol=0)
+    assert type(model.noise_scheduler).__name__ == "DDPMScheduler"
+    assert model.sampler_config["_class_name"] == "PNDMScheduler"
+    assert isinstance(model.sampler(), PNDMScheduler)
+
+
+def test_torch_dtype(tiny_dir: Path) -> None:
+    model = load_base_model(str(tiny_dir), torch_dtype=torch.bfloat16)
+    assert {p.dtype for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
+def test_single_file_equals_folder(kind: str, single_files: dict, tiny_dir: Path, reference: dict) -> None:
+    model = load_base_model(str(single_files[kind]), config=str(tiny_dir))
+    assert_same_model(model, reference)
+    assert model.source == str(single_files[kind])
+    torch.testing.assert_close(model.noise_scheduler.betas, sd15_betas(), rtol=1e-6, atol=0)
+
+
+def test_pipeline_shares_modules_and_matches_diffusers(tiny_dir: Path) -> None:
+    model = load_base_model(str(tiny_dir))
+    other_unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    pipe = model.pipeline(unet=other_unet)
+    assert pipe.unet is other_unet and pipe.vae is model.vae and pipe.text_encoder is model.text_encoder
+    assert isinstance(pipe.scheduler, PNDMScheduler) and pipe.safety_checker is None
+    want_pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    run = {"num_inference_steps": 2, "output_type": "np", "height": 64, "width": 64}
+    got = model.pipeline()("a face", generator=torch.Generator().manual_seed(1), **run).images
+    want = want_pipe("a face", generator=torch.Generator().manual_seed(1), **run).images
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bundled_sd15_configs_describe_sd15() -> None:
+    """The shipped configs build SD1.5's architecture (known parameter counts), on the meta device."""
+    folder = bm.SD15_CONFIG_DIR
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    count = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert count == [859_520_964, 83_653_863, 123_060_480]
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"] == [
+        "diffusers",
+        "PNDMScheduler",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["./nowhere", "~/no/such/model", "/abs/missing", "model.safetensors", "a\\b"])
+def test_missing_path(name: str) -> None:
+    with pytest.raises(BaseModelError, match="no such file or folder") as info:
+        load_base_model(name)
+    assert name in str(info.value)
+
+
+def test_folder_without_model_index(tmp_path: Path) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(BaseModelError, match="model_index.json") as info:
+        load_base_model(str(tmp_path))
+    assert str(tmp_path) in str(info.value) and "weights.safetensors" in str(info.value)
+
+
+def _variant_folder(tiny_dir: Path, tmp_path: Path, index: dict | None = None, unet: dict | None = None) -> Path:
+    folder = tmp_path / "variant"
+    shutil.copytree(tiny_dir, folder)
+    for rel, update in (("model_index.json", index), ("unet/config.json", unet)):
+        data = json.loads((folder / rel).read_text())
+        (folder / rel).write_text(json.dumps(data | (update or {})))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("index", "unet", "says"),
+    [
+        ({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, None, "SDXL"),
+        (None, {"cross_attention_dim": 1024}, "SD2"),
+        (None, {"cross_attention_dim": 2048}, "SDXL"),
+        (None, {"in_channels": 9}, "9 input channels"),
+        ({"transformer": ["diffusers", "SD3Transformer2DModel"], "unet": [None, None]}, None, "unet is None"),
+    ],
+)
+def test_refuses_non_sd1_folder(tiny_dir: Path, tmp_path: Path, index, unet, says: str) -> None:
+    folder = _variant_folder(tiny_dir, tmp_path, index, unet)
+    with pytest.raises(BaseModelError, match="not a Stable Diffusion 1.x model") as info:
+        load_base_model(str(folder))
+    assert says in str(info.value) and str(folder) in str(info.value)
+
+
+@pytest.fixture
+def hub_cache(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A Hugging Face cache holding the tiny model as if downloaded earlier; returns its repo id."""
+    repo = tmp_path / "hub" / "models--likeness-test--cached-tiny"
+    commit = "0123456789" * 4
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # The env var is read at import time; the libraries look the constant up at call time.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "likeness-test/cached-tiny"
+
+
+def test_offline_hub_id_from_cache(hub_cache: str, reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_base_model(hub_cache)
+    assert_same_model(model, reference)
+    assert model.source == hub_cache
+
+
+def test_unreachable_hub_uses_cache(hub_cache: str, reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HF_HUB_OFFLINE, but the Hub does not answer: the cached copy is used, without retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    class DeadHub:
+        def model_info(self, *args, **kwargs):
+            raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(bm, "HfApi", DeadHub)
+    assert_same_model(load_base_model(hub_cache), reference)
+
+
+def test_offline_hub_id_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BaseModelError, match="hf download likeness-test/made-up-model --local-dir DIR"):
+        load_base_model("likeness-test/made-up-model")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without HF_HUB_OFFLINE: no network (here) or an unknown repo (with network): fast and clear."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(BaseModelError, match="likeness-test/made-up-model: (cannot download|not a local path)"):
+        load_base_model("likeness-test/made-up-model")
+    assert time.monotonic() - start < bm.HUB_PROBE_TIMEOUT_S + 5
+
+
+def test_ckpt_with_objects_is_not_unpickled(tmp_path: Path, tiny_dir: Path, ldm_state: dict) -> None:
+    marker = tmp_path / "executed"
+    torch.save({"state_dict": ldm_state, "callbacks": _Payload(str(marker))}, tmp_path / "evil.ckpt")
+    with pytest.raises(BaseModelError, match="not loaded for safety"):
+        load_base_model(str(tmp_path / "evil.ckpt"), config=str(tiny_dir))
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that user pickles are never executed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (
+            {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
+            "2.x",
+        ),
+        ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,)}, "SDXL"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (32, 9, 3, 3)}, "inpainting"),
+    ],
+)
+def test_refuses_non_sd1_checkpoint(tmp_path: Path, tiny_dir: Path, ldm_state: dict, extra: dict, says: str) -> None:
+    state = ldm_state | {k: torch.zeros(shape) for k, shape in extra.items()}
+    safetensors.torch.save_file(state, tmp_path / "other.safetensors")
+    with pytest.raises(BaseModelError, match=f"this is .*{says}.*not a Stable Diffusion 1.x model"):
+        load_base_model(str(tmp_path / "other.safetensors"), config=str(tiny_dir))
+
+
+def test_refuses_partial_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}
+    safetensors.torch.save_file(lora, tmp_path / "lora.safetensors")
+    with pytest.raises(BaseModelError, match="not a full SD1.x checkpoint"):
+        load_base_model(str(tmp_path / "lora.safetensors"), config=str(tiny_dir))
+
+
+def test_single_file_without_tokenizer_offline(
+    monkeypatch: pytest.MonkeyPatch, single_files: dict, tmp_path: Path
+) -> None:
+    """Bundled configs have no tokenizer; offline with nothing cached, the error says how to get one."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(bm, "SD15_HUB_ID", "likeness-test/not-cached")
+    with pytest.raises(BaseModelError, match="has no tokenizer.*hf download likeness-test/not-cached"):
+        load_base_model(str(single_files["safetensors"]))
+
+
+def test_single_file_weights_not_matching_config(single_files: dict, tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _variant_folder(tiny_dir, tmp_path, unet={"block_out_channels": [32, 32]})
+    with pytest.raises(BaseModelError, match="do not fit the configs"):
+        load_base_model(str(single_files["safetensors"]), config=str(folder))
+
+
+def test_options_that_do_not_apply(single_files: dict, tiny_dir: Path) -> None:
+    with pytest.raises(BaseModelError, match="single files"):
+        load_base_model(str(single_files["safetensors"]), variant="fp16")
+    with pytest.raises(BaseModelError, match="single checkpoint files only"):
+        load_base_model(str(tiny_dir), config=str(tiny_dir))
