@@ -1,0 +1,223 @@
+"""Face embeddings through DeepFace, the way NTU GenAI HW10 graded them.
+
+The HW called ``DeepFace.represent(img, model_name="GhostFaceNet", detector_backend="ssd",
+enforce_detection=False)`` and counted an image as faceless when that returned no face or a face with
+``face_confidence == 0`` (deepface then hands back the whole image as the "face"). This wrapper keeps
+that rule. Its default, dlib's detector and ResNet, runs offline: the weights ship in the PyPI package
+``face-recognition-models`` and are copied to where deepface looks for them, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# deepface picks its engine once, at first use; pytorch keeps TensorFlow out of the process.
+_ENGINE_ENV = "DEEPFACE_BACKEND_ENGINE"
+_HOME_ENV = "DEEPFACE_HOME"
+# Weight files that face-recognition-models ships, per deepface model / detector name.
+_BUNDLED_WEIGHTS = {
+    ("facial_recognition", "Dlib"): "dlib_face_recognition_resnet_model_v1.dat",
+    ("face_detector", "dlib"): "shape_predictor_5_face_landmarks.dat",
+}
+_COMPRESSED_SUFFIXES = (".bz2", ".zip")
+
+
+class FaceModel:
+    """A DeepFace face detector + recognition model that turns PIL images into embeddings.
+
+    Everything runs on the CPU so that it takes no GPU memory from training: dlib has no GPU code in the
+    ``dlib-bin`` wheel, and a model of deepface's pytorch engine is moved to the CPU once it is built.
+
+    Args:
+        model_name: deepface recognition model ("Dlib", or the HW's "GhostFaceNet", which needs a download).
+        detector_backend: deepface detector ("dlib", or the HW's "ssd", which needs a download).
+        weights_home: folder deepface keeps ``.deepface/weights`` under; ``None`` keeps ``$DEEPFACE_HOME``
+            (deepface's own default: the home directory). Only set while the models are built.
+        allow_download: let deepface download weights that are missing. With ``False``, or with
+            ``HF_HUB_OFFLINE=1`` set, missing weights raise at once instead of trying the network.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "Dlib",
+        detector_backend: str = "dlib",
+        weights_home: str | Path | None = None,
+        allow_download: bool = True,
+    ) -> None:
+        self.model_name = model_name
+        self.detector_backend = detector_backend
+        self.weights_home = Path(weights_home).expanduser() if weights_home is not None else None
+        self.allow_download = allow_download and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in (
+            "1",
+            "true",
+            "yes",
+        )
+        self._built = False
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where deepface reads (and downloads) its weight files."""
+        home = self.weights_home or Path(os.environ.get(_HOME_ENV, str(Path.home())))
+        return home / ".deepface" / "weights"
+
+    @contextlib.contextmanager
+    def _home(self) -> Iterator[None]:
+        # deepface reads DEEPFACE_HOME on every call; set it only while we build, not for the process.
+        old = os.environ.get(_HOME_ENV)
+        if self.weights_home is not None:
+            os.environ[_HOME_ENV] = str(self.weights_home)
+        try:
+            yield
+        finally:
+            if self.weights_home is not None:
+                if old is None:
+                    os.environ.pop(_HOME_ENV, None)
+                else:
+                    os.environ[_HOME_ENV] = old
+
+    def _deepface(self) -> ModuleType:
+        # Import lazily: deepface is slow to import, and the engine must be chosen before it is.
+        os.environ.setdefault(_ENGINE_ENV, "pytorch")
+        with self._home():
+            return importlib.import_module("deepface.DeepFace")
+
+    def _install_bundled_weights(self) -> None:
+        """Copy weights that face-recognition-models ships into the deepface folder, if missing there."""
+        # find_spec, not import: the package's __init__ imports pkg_resources, gone from new setuptools.
+        spec = importlib.util.find_spec("face_recognition_models")
+        source_dir = Path(spec.submodule_search_locations[0]) / "models" if spec else None
+        wanted = {("facial_recognition", self.model_name), ("face_detector", self.detector_backend)}
+        for key, file_name in _BUNDLED_WEIGHTS.items():
+            if key not in wanted:
+                continue
+            target = self.weights_dir / file_name
+            if target.is_file() or source_dir is None or not (source_dir / file_name).is_file():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(source_dir / file_name, partial)
+            partial.replace(target)  # atomic: a crash mid-copy never leaves a truncated weight file
+
+    def _expected_weights(self) -> dict[Path, str]:
+        """Weight files deepface will look for (path -> download url), read from deepface's own table."""
+        weight_utils = importlib.import_module("deepface.commons.weight_utils")
+        modeling = importlib.import_module("deepface.modules.modeling")
+        wanted = {("facial_recognition", self.model_name), ("face_detector", self.detector_backend)}
+        expected: dict[Path, str] = {}
+        for task, name, attributes in weight_utils.WEIGHT_SOURCES:
+            if (task, name) not in wanted:
+                continue
+            try:
+                module = importlib.import_module(modeling.get_model_class(task, name).__module__)
+            except Exception:  # not built for this engine: build_model will say so itself
+                continue
+            for attribute in attributes:
+                urls = getattr(module, attribute)
+                url = urls if isinstance(urls, str) else urls[0]
+                file_name = url.rsplit("/", 1)[-1]
+                for suffix in _COMPRESSED_SUFFIXES:
+                    file_name = file_name.removesuffix(suffix)
+                expected[self.weights_dir / file_name] = url
+        return expected
+
+    def _error(self, problem: str) -> RuntimeError:
+        return RuntimeError(
+            f"FaceModel(model_name={self.model_name!r}, detector_backend={self.detector_backend!r}): "
+            f"{problem} deepface looks for weights in {self.weights_dir}. Fix: run once with network access "
+            "so deepface downloads them, or download them there by hand; or use the offline default "
+            "model_name='Dlib', detector_backend='dlib' "
+            "(needs `pip install dlib-bin face-recognition-models`)."
+        )
+
+    def check(self) -> None:
+        """Build the detector and recognition model once, or raise a clear error right away.
+
+        Call it at start-up so that missing weights fail there, not at validation step N.
+        """
+        if self._built:
+            return
+        deepface = self._deepface()
+        self._install_bundled_weights()
+        missing = {path: url for path, url in self._expected_weights().items() if not path.is_file()}
+        if missing and not self.allow_download:
+            listing = ", ".join(f"{path} (from {url})" for path, url in missing.items())
+            raise self._error(
+                f"weights missing and downloads are off (HF_HUB_OFFLINE/allow_download): {listing}."
+            )
+        try:
+            with self._home():
+                detector = deepface.build_model(self.detector_backend, task="face_detector")
+                recognizer = deepface.build_model(self.model_name, task="facial_recognition")
+        except ImportError as err:
+            raise self._error(f"a library it needs is missing ({err}).") from err
+        except Exception as err:
+            raise self._error(f"could not build the models ({type(err).__name__}: {err}).") from err
+        for model in (detector, recognizer):
+            self._keep_on_cpu(model)
+        self._built = True
+
+    @staticmethod
+    def _keep_on_cpu(model: Any) -> None:
+        # deepface's pytorch models put themselves on cuda:0 when it exists; move them (in deepface's model
+        # cache, which represent() reuses) to the CPU so validation takes no GPU memory from training.
+        module = getattr(model, "model", None)
+        if getattr(model, "device", None) is None or not hasattr(module, "to"):
+            return
+        import torch
+
+        module.to("cpu")
+        model.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _represent(self, image: np.ndarray | str) -> tuple[np.ndarray | None, np.ndarray]:
+        """HW rule on one BGR array or image path: (embedding or None when faceless, raw first embedding)."""
+        self.check()
+        faces = self._deepface().represent(
+            image,
+            model_name=self.model_name,
+            detector_backend=self.detector_backend,
+            enforce_detection=False,
+        )
+        if not faces:
+            return None, np.empty(0)
+        first = np.asarray(faces[0]["embedding"], dtype=np.float64)
+        return (None if faces[0]["face_confidence"] == 0 else first), first
+
+    def embed(self, images: Sequence[Image.Image]) -> list[np.ndarray | None]:
+        """First face's embedding of each image, or ``None`` where no face was found (HW rule)."""
+        out: list[np.ndarray | None] = []
+        for image in images:
+            # deepface wants OpenCV's BGR uint8 layout, as the HW's cv2.cvtColor(..., COLOR_RGB2BGR) made.
+            bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+            out.append(self._represent(bgr)[0])
+        return out
+
+    def embed_files(
+        self, paths: Sequence[str | Path], include_faceless: bool = False
+    ) -> list[np.ndarray | None]:
+        """Embed image files the way the HW embedded its training set (deepface reads them with OpenCV).
+
+        Args:
+            paths: image files.
+            include_faceless: keep deepface's whole-image embedding for files without a face, as the HW
+                script did; by default they come back as ``None``.
+        """
+        out: list[np.ndarray | None] = []
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"FaceModel.embed_files: no image file at {path}.")
+            embedding, raw = self._represent(str(path))
+            out.append(raw if include_faceless and raw.size else embedding)
+        return out

@@ -1,0 +1,185 @@
+"""The offline face stack (deepface + dlib) on public-domain photos, and the reference-embedding cache.
+
+Faces: scikit-image's astronaut photo (Eileen Collins, NASA, public domain) and, as other people, the
+100 face crops of ``skimage.data.lfw_subset()`` (25x25 grey, upscaled and padded so dlib can find them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from skimage import data
+
+from metrics.face_model import FaceModel
+from metrics.reference_embeddings import ReferenceEmbeddings
+
+WEIGHTS = ("dlib_face_recognition_resnet_model_v1.dat", "shape_predictor_5_face_landmarks.dat")
+
+
+@pytest.fixture(scope="module")
+def face_model(tmp_path_factory: pytest.TempPathFactory) -> FaceModel:
+    model = FaceModel(weights_home=tmp_path_factory.mktemp("deepface-home"))
+    model.check()
+    return model
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _astronaut_variants() -> list[Image.Image]:
+    photo = Image.fromarray(data.astronaut())
+    return [
+        photo,
+        photo.crop((100, 0, 400, 300)),  # head and shoulders
+        ImageOps.mirror(photo),
+        photo.resize((300, 300), Image.Resampling.BICUBIC),
+        ImageOps.grayscale(photo).convert("RGB"),  # the other faces are grey: colour must not be the cue
+    ]
+
+
+def _other_faces(count: int = 8) -> list[Image.Image]:
+    faces = data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+    out = []
+    for crop in faces[:: 100 // count][:count]:
+        face = Image.fromarray((crop * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC)
+        canvas = Image.new("L", (200, 200), 128)  # a margin: the detector needs the face inside the image
+        canvas.paste(face, (50, 50))
+        out.append(canvas.convert("RGB"))
+    return out
+
+
+def test_check_installs_bundled_weights(face_model: FaceModel) -> None:
+    import importlib.util
+
+    source = (
+        Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
+    )
+    for name in WEIGHTS:
+        copied = face_model.weights_dir / name
+        assert copied.is_file()
+        assert (
+            hashlib.sha256(copied.read_bytes()).digest()
+            == hashlib.sha256((source / name).read_bytes()).digest()
+        )
+
+
+def test_same_person_is_closer_than_other_people(face_model: FaceModel) -> None:
+    same = face_model.embed(_astronaut_variants())
+    others = face_model.embed(_other_faces())
+    assert all(e is not None and e.shape == (128,) for e in same + others)
+    same_units = np.stack([_unit(e) for e in same])
+    other_units = np.stack([_unit(e) for e in others])
+    within = np.linalg.norm(same_units[:, None] - same_units[None], axis=-1)
+    across = np.linalg.norm(same_units[:, None] - other_units[None], axis=-1)
+    # Every astronaut pair must be closer than any astronaut/other pair (seen: <=0.27 against >=0.46).
+    assert within.max() < across.min(), (within.max(), across.min())
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)),
+        Image.new("RGB", (256, 256), (0, 0, 0)),
+        Image.new("RGB", (256, 256), (255, 255, 255)),
+    ],
+    ids=["noise", "black", "white"],
+)
+def test_no_face_gives_none(face_model: FaceModel, image: Image.Image) -> None:
+    assert face_model.embed([image]) == [None]
+
+
+def test_hw_setting_offline_fails_fast_with_clear_message(tmp_path: Path) -> None:
+    model = FaceModel("GhostFaceNet", "ssd", weights_home=tmp_path, allow_download=False)
+    with pytest.raises(RuntimeError) as info:
+        model.check()
+    message = str(info.value)
+    assert "GhostFaceNet" in message and "ssd" in message
+    assert str(tmp_path / ".deepface" / "weights") in message
+    assert "ghostfacenet_v1.pth" in message and "res10_300x300_ssd_iter_140000.caffemodel" in message
+    assert "network" in message
+
+
+def test_hf_hub_offline_turns_downloads_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="downloads are off"):
+        FaceModel("GhostFaceNet", "ssd", weights_home=tmp_path).check()
+
+
+def test_pytorch_models_are_moved_to_cpu() -> None:
+    class Built:  # what deepface's pytorch engine builds: .model (nn.Module) and .device
+        model = torch.nn.Linear(2, 2)
+        device = "cuda:0"
+
+    built = Built()
+    FaceModel._keep_on_cpu(built)
+    assert built.device == torch.device("cpu")
+    assert next(built.model.parameters()).device == torch.device("cpu")
+
+
+class _CountingFaceModel(FaceModel):
+    """Embeds a file as its content hash (no deepface), counting the files it was asked to embed."""
+
+    def __init__(self, model_name: str = "Fake") -> None:
+        super().__init__(model_name=model_name, detector_backend="fake")
+        self.embedded = 0
+
+    def embed_files(self, paths, include_faceless=False):
+        self.embedded += len(paths)
+        digests = [hashlib.sha256(Path(p).read_bytes()).digest() for p in paths]
+        # A file starting with b"noface" plays a faceless photo.
+        return [
+            None if Path(p).read_bytes().startswith(b"noface") else np.frombuffer(d, dtype=np.uint8) / 255.0
+            for p, d in zip(paths, digests, strict=True)
+        ]
+
+
+def test_reference_cache_is_hit_and_invalidated(tmp_path: Path) -> None:
+    files = [tmp_path / f"photo{i}.png" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(b"photo %d" % i)
+    model = _CountingFaceModel()
+    refs = ReferenceEmbeddings(model, tmp_path / "cache")
+    first = refs.compute(files)
+    assert (refs.cache_hit, model.embedded, first.shape) == (False, 3, (3, 32))
+
+    again = ReferenceEmbeddings(_CountingFaceModel(), tmp_path / "cache")
+    np.testing.assert_array_equal(again.compute([str(f) for f in files]), first)
+    assert again.cache_hit and again.face_model.embedded == 0
+
+    files[1].write_bytes(b"an edited photo")  # new content, size and mtime
+    changed = refs.compute(files)
+    assert refs.cache_hit is False and model.embedded == 6
+    assert not np.array_equal(changed[1], first[1]) and np.array_equal(changed[0], first[0])
+
+    other = ReferenceEmbeddings(_CountingFaceModel(model_name="Other"), tmp_path / "cache")
+    other.compute(files)
+    assert other.cache_hit is False and other.face_model.embedded == 3
+
+
+def test_reference_skips_faceless_and_rejects_bad_input(tmp_path: Path) -> None:
+    files = [tmp_path / "a.png", tmp_path / "b.png"]
+    files[0].write_bytes(b"noface here")
+    files[1].write_bytes(b"a face")
+    refs = ReferenceEmbeddings(_CountingFaceModel(), tmp_path / "cache")
+    assert refs.compute(files).shape == (1, 32) and refs.paths == [files[1].resolve()]
+    with pytest.raises(ValueError, match="no face in any"):
+        refs.compute(files[:1])
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        refs.compute([tmp_path / "missing.png"])
+
+
+def test_reference_embeddings_with_real_model(face_model: FaceModel, tmp_path: Path) -> None:
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    Image.new("RGB", (128, 128)).save(tmp_path / "blank.png")
+    files = [tmp_path / "astronaut.png", tmp_path / "blank.png"]
+    direct = face_model.embed([Image.open(files[0])])[0]
+    refs = ReferenceEmbeddings(face_model, tmp_path / "cache")
+    np.testing.assert_allclose(refs.compute(files), direct[None], atol=1e-6)
+    with_faceless = ReferenceEmbeddings(face_model, tmp_path / "cache", include_faceless=True).compute(files)
+    assert with_faceless.shape == (2, 128)  # the HW's way: the blank image's whole-image embedding too
