@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.lora_export import LoraExport
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.lora_diffusion import LoRADiffusion
 
@@ -64,6 +65,7 @@ class LikenessCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 

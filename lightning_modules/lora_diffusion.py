@@ -49,7 +49,8 @@ class LoRADiffusion(L.LightningModule):
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha; the update is scaled by ``alpha / r``.
         lora_dropout: dropout on the LoRA input.
-        lora_init: peft ``init_lora_weights`` (``true``: Kaiming A, zero B; ``gaussian``; ...).
+        lora_init: peft ``init_lora_weights`` (``true``: Kaiming A, zero B; ``gaussian``; ``orthogonal``). Inits that
+            change the base weights (PiSSA, OLoRA) are not offered: the exported LoRA files could not describe them.
         unet_target_modules: UNet modules to wrap (default attention projections ``to_q,to_k,to_v,to_out.0``).
         train_text_encoder: also wrap the text encoder with LoRA.
         text_encoder_target_modules: text-encoder modules to wrap (default ``q_proj,k_proj,v_proj,out_proj``).
@@ -80,7 +81,7 @@ class LoRADiffusion(L.LightningModule):
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
         lora_dropout: float = 0.0,
-        lora_init: bool | Literal["gaussian", "pissa", "olora", "orthogonal"] = True,
+        lora_init: bool | Literal["gaussian", "orthogonal"] = True,
         unet_target_modules: list[str] | None = None,
         train_text_encoder: bool = False,
         text_encoder_target_modules: list[str] | None = None,
