@@ -19,6 +19,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.identity_validation import IdentityValidation
+from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.lora_diffusion import LoRADiffusion
@@ -65,6 +67,8 @@ class LikenessCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(IdentityValidation, "validation")
+        parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

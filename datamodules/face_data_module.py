@@ -126,7 +126,7 @@ class FaceDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def _prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
+    def prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
         items = [{"prompt": p, "index": i, "repeat": r} for i, p in enumerate(prompts) for r in range(repeats)]
         return DataLoader(items, batch_size=self.hparams.validation_batch_size, shuffle=False)
 
@@ -136,15 +136,17 @@ class FaceDataModule(L.LightningDataModule):
         return prompts if all_prompts or limit is None else prompts[:limit]
 
     def val_dataloader(self) -> DataLoader | list:
-        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
-        prompts = self.validation_prompt_list(all_prompts=not fitting)
-        return self._prompt_loader(prompts) if prompts else []
+        # During fit the IdentityValidation callback generates on its own schedule (every N optimizer steps);
+        # Lightning's validation loop serves the `validate` subcommand, with all prompts.
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []
+        return self.prompt_loader(self.validation_prompt_list(all_prompts=True))
 
     def test_dataloader(self) -> DataLoader:
         prompts = self.validation_prompt_list(all_prompts=True)
         if not prompts:
             raise ValueError("test needs prompts: set data.validation_prompts to a file or a list of prompts.")
-        return self._prompt_loader(prompts)
+        return self.prompt_loader(prompts)
 
     def predict_dataloader(self) -> DataLoader:
         prompts = read_prompts(self.hparams.predict_prompts, "data.predict_prompts") or self.validation_prompt_list(
@@ -152,7 +154,7 @@ class FaceDataModule(L.LightningDataModule):
         )
         if not prompts:
             raise ValueError("predict needs prompts: set data.predict_prompts (or data.validation_prompts).")
-        return self._prompt_loader(prompts, repeats=self.hparams.images_per_prompt)
+        return self.prompt_loader(prompts, repeats=self.hparams.images_per_prompt)
 
     def state_dict(self) -> dict[str, Any]:
         # How far into the epoch training got, so that a resumed run skips those batches (see EpochSampler).

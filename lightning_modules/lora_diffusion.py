@@ -255,16 +255,16 @@ class LoRADiffusion(L.LightningModule):
             output_type="pil",
         ).images
 
-    def _generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         seeds = self.seeds_for(batch)
         prompts = list(batch["prompt"])
         return {"images": self.generate(prompts, seeds), "prompts": prompts, "seeds": seeds}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._generate_batch(batch)
+        return self.generate_batch(batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._generate_batch(batch)
+        return self.generate_batch(batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._generate_batch(batch)
+        return self.generate_batch(batch)

@@ -5,13 +5,14 @@ architecture family as SD1.5 — CLIP text encoder and BPE tokenizer, KL VAE, co
 scheduler — only a few hundred kB big, save it with ``save_pretrained`` and load it back through the
 production ``from_pretrained`` path. Usage::
 
-    python -m lightning_modules.tiny_sd .cache/demo/tiny-sd
+    python -m lightning_modules.tiny_sd .cache/demo/tiny-sd --clip .cache/demo/tiny-clip
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -115,6 +116,36 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
+def save_tiny_clip(folder: str | Path, image_size: int = 32, context: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random CLIP (model, char-level tokenizer, PIL image processor) like a Hub checkpoint.
+
+    Its logit scale is the real CLIP's learnt 100, so ``logits_per_image`` = 100 * cos, as in the HW.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    from metrics.clip_score import _ImageProcessor
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = save_tiny_tokenizer(folder, model_max_length=context)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = {"vocab_size": len(tokenizer), "max_position_embeddings": context}
+    text |= {"bos_token_id": tokenizer.convert_tokens_to_ids("<|startoftext|>"), "eos_token_id": eos}
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config=tower | text | {"pad_token_id": eos},
+        vision_config=tower | {"image_size": image_size, "patch_size": 8},
+        projection_dim=16,
+        logit_scale_init_value=math.log(100.0),
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    crop = {"height": image_size, "width": image_size}
+    _ImageProcessor(size={"shortest_edge": image_size}, crop_size=crop).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     """Write the tiny model in diffusers layout to ``folder`` (idempotent) and return the folder."""
     folder = Path(folder)
@@ -128,8 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="where to write the diffusers folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", type=Path, help="also write a tiny random CLIP (for the CLIP score) here")
     args = parser.parse_args(argv)
     print(f"tiny SD model in {save_tiny_sd(args.folder, args.seed)}")
+    if args.clip:
+        print(f"tiny CLIP model in {save_tiny_clip(args.clip, seed=args.seed)}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
-from lightning_modules.tiny_sd import save_tiny_tokenizer
+from lightning_modules.tiny_sd import save_tiny_clip
 from metrics.clip_score import ClipScore, _ImageProcessor
 
 IMAGE_SIZE = 32
@@ -24,39 +24,7 @@ PROMPTS = ["a photo of brad pitt", "a man on the beach", "portrait, studio light
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random CLIP saved like a Hub checkpoint: model, char-level tokenizer, PIL image processor."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = save_tiny_tokenizer(folder, model_max_length=CONTEXT)
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": CONTEXT,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": eos,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-        logit_scale_init_value=math.log(100.0),  # the real CLIP's learnt scale, so logits = 100 * cos
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    _ImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", image_size=IMAGE_SIZE, context=CONTEXT)
 
 
 def _images(size: tuple[int, int]) -> list[Image.Image]:
@@ -106,9 +74,7 @@ def test_clip_score_matches_hw_logits_per_image(tiny_clip: Path) -> None:
     hw = []
     with torch.no_grad():
         for image, prompt in zip(images, PROMPTS, strict=True):
-            out = model(
-                **tokenizer(prompt, return_tensors="pt"), **processor(images=image, return_tensors="pt")
-            )
+            out = model(**tokenizer(prompt, return_tensors="pt"), **processor(images=image, return_tensors="pt"))
             hw.append(out.logits_per_image.item())
     metric = ClipScore(tiny_clip)
     metric.update(images, PROMPTS)

@@ -1,0 +1,216 @@
+"""Generate the validation prompts every N steps and log how much the pictures look like the person."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from PIL import Image
+
+from callbacks.prompt_grid import prompt_grid, save_images
+from datamodules.folder_scan import load_pairs
+from metrics.face_model import FaceModel
+from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
+
+
+def default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "likeness")
+
+
+class IdentityValidation(L.Callback):
+    """Face distance, CLIP score and faceless count of images generated with the model being trained.
+
+    During ``fit`` it generates one image per validation prompt (the data module's first
+    ``num_validation_prompts``) every ``every_n_steps`` optimizer steps, with a fixed seed per prompt, using the
+    in-memory LoRA model; modules' train/eval modes and the RNG state are restored afterwards, so validation
+    does not change the training trajectory. ``validate`` and ``test`` score all prompts; ``test`` writes
+    ``valid_image_<i>.png`` as the HW did and prints the HW's numbers.
+
+    Args:
+        every_n_steps: validate every this many optimizer steps (0: only baseline and end).
+        baseline: validate before the first step, to see where training starts from.
+        at_end: validate after the last step.
+        face_model: DeepFace recognition model (``Dlib`` works offline; the HW used ``GhostFaceNet``).
+        face_detector: DeepFace detector backend (``dlib`` offline; the HW used ``ssd``).
+        clip_model: CLIP Hub id or local folder for the CLIP score; ``null`` skips it.
+        min_clip_score: HW floor for the best checkpoint: CLIP score above this.
+        max_faceless_fraction: HW floor: at most this fraction of images faceless (5 of 25).
+        save_best: keep ``best_identity.ckpt``: the lowest face distance among validations passing the floors.
+        cache_dir: where training-photo embeddings are cached (keyed by files and face model).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        baseline: bool = True,
+        at_end: bool = True,
+        face_model: str = "Dlib",
+        face_detector: str = "dlib",
+        clip_model: str | None = "openai/clip-vit-base-patch32",
+        min_clip_score: float = 22.0,
+        max_faceless_fraction: float = HW_MAX_FACELESS / HW_PROMPTS,
+        save_best: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.baseline = baseline
+        self.at_end = at_end
+        self.face_model = face_model
+        self.face_detector = face_detector
+        self.clip_model = clip_model
+        self.min_clip_score = min_clip_score
+        self.max_faceless_fraction = max_faceless_fraction
+        self.save_best = save_best
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.scorer: IdentityScorer | None = None
+        self.best_face_distance = math.inf
+        self.last_step = -1
+        self._outputs: list[dict[str, Any]] = []
+
+    # --- set-up: everything that can fail, fails before training ----------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict" or self.scorer is not None:
+            return
+        datamodule = trainer.datamodule
+        pairs = load_pairs(datamodule.hparams.data_dir, datamodule.hparams.skip_bad_files)
+        self.scorer = IdentityScorer(
+            FaceModel(self.face_model, self.face_detector),
+            [pair.image for pair in pairs],
+            Path(self.cache_dir) / "face_embeddings",
+            self.clip_model,
+        )
+        self._pairs = pairs
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._log_reference(trainer)
+
+    @rank_zero_only
+    def _log_reference(self, trainer: L.Trainer) -> None:
+        # The training photos scored like generated ones: the best a run can hope for on this data set.
+        images = [Image.open(pair.image).convert("RGB") for pair in self._pairs]
+        scores = self.scorer.score(images, [pair.caption for pair in self._pairs])
+        self._log(trainer, scores.as_metrics("reference"), 0)
+        rank_zero_info(f"Training photos against themselves: {_summary(scores)}")
+
+    # --- during fit ---------------------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.baseline and trainer.global_step == 0:
+            self._validate_during_fit(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self._validate_during_fit(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and trainer.global_step != self.last_step:
+            self._validate_during_fit(trainer, pl_module)
+
+    def _validate_during_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_step = trainer.global_step
+        prompts = trainer.datamodule.validation_prompt_list()
+        if not prompts:
+            return
+        better = self._generate_and_score(trainer, pl_module, prompts)
+        # Every rank must take part in saving a checkpoint; rank 0 decided.
+        if self.save_best and trainer.strategy.broadcast(better, src=0):
+            trainer.save_checkpoint(Path(_checkpoint_dir(trainer)) / "best_identity.ckpt")
+
+    def _generate_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str]) -> bool:
+        started = time.perf_counter()
+        outputs = generate_restoring_state(pl_module, trainer.datamodule.prompt_loader(prompts))
+        return bool(self._report(trainer, outputs, "val", time.perf_counter() - started))
+
+    @rank_zero_only
+    def _report(self, trainer: L.Trainer, outputs: list[dict[str, Any]], stage: str, seconds: float) -> bool:
+        images = [im for out in outputs for im in out["images"]]
+        prompts = [p for out in outputs for p in out["prompts"]]
+        scores = self.scorer.score(images, prompts)
+        metrics = scores.as_metrics(stage) | {f"{stage}/seconds": seconds}
+        step = trainer.global_step
+        self._log(trainer, metrics, step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / ("validation" if stage == "val" else stage)
+        names = save_images(folder / f"step_{step:06d}" if stage == "val" else folder, images, prompts, stage)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                grid = prompt_grid(images, prompts, scores.face_found)
+                logger.experiment.add_image(f"{stage}/images", np.asarray(grid), step, dataformats="HWC")
+        rank_zero_info(f"[{stage} step {step}] {_summary(scores)} ({seconds:.1f}s; images in {names[0].parent})")
+        better = scores.passes(self.min_clip_score, self.max_faceless_fraction) and (
+            scores.face_distance < self.best_face_distance
+        )
+        if better:
+            self.best_face_distance = scores.face_distance
+        return better
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # --- validate and test subcommands (Lightning's loops call the module's *_step) ----------------------------
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._outputs.append(outputs)
+
+    on_test_batch_end = on_validation_batch_end
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._outputs:
+            self._report(trainer, self._outputs, "val" if trainer.validating else "test", 0.0)
+        self._outputs = []
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_face_distance": self.best_face_distance, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_face_distance = state_dict["best_face_distance"]
+        self.last_step = state_dict["last_step"]
+
+
+def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[str, Any]]:
+    """Generate every batch of prompts in eval mode, then restore each module's mode and every RNG."""
+    modes = {module: module.training for module in pl_module.modules()}
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            return [pl_module.generate_batch(batch) for batch in loader]
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _checkpoint_dir(trainer: L.Trainer) -> str:
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+
+
+def _summary(scores: IdentityScores) -> str:
+    if math.isnan(scores.face_distance):
+        return f"no face in any image: face distance and CLIP score undefined, faceless {scores.images}/{scores.images}"
+    return (
+        f"face distance {scores.face_distance:.4f} (rubric {scores.rubric_points}/10), "
+        f"CLIP score {scores.clip_score:.2f}, faceless {scores.faceless_count}/{scores.images}"
+    )

@@ -1,0 +1,210 @@
+"""The validation callback in real runs: TensorBoard scalars and images, unchanged training, test and predict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules.folder_scan import load_pairs
+from lightning_modules.lora_diffusion import LoRADiffusion
+from lightning_modules.tiny_sd import save_tiny_clip
+from metrics.clip_score import ClipScore
+from metrics.face_model import FaceModel
+from train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+def args(subcommand, tiny_sd, photos, clip, log_dir, *extra):
+    return [
+        subcommand,
+        "--config",
+        str(ROOT / "configs/demo.yaml"),
+        f"--model.pretrained_model_name_or_path={tiny_sd}",
+        f"--data.data_dir={photos}",
+        f"--data.validation_prompts={photos.parent / 'validation_prompts.txt'}",
+        f"--trainer.logger.init_args.save_dir={log_dir}",
+        f"--validation.clip_model={clip}",
+        f"--validation.cache_dir={log_dir / 'cache'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def steps(acc: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_fit_logs_metrics_and_images_without_changing_training(tiny_sd, demo_photos, tiny_clip, tmp_path):
+    common = ["--trainer.max_steps=6", "--trainer.log_every_n_steps=1", "--model.lora_dropout=0.2"]
+    common += ["--checkpoint.every_n_train_steps=100", "--export.on_checkpoint=false"]
+    watched = main(
+        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path / "a", *common, "--validation.every_n_steps=2")
+    )
+    plain = main(
+        args(
+            "fit",
+            tiny_sd,
+            demo_photos,
+            tiny_clip,
+            tmp_path / "b",
+            *common,
+            "--validation.every_n_steps=0",
+            "--validation.baseline=false",
+            "--validation.at_end=false",
+        )
+    )
+    run = Path(watched.trainer.log_dir)
+    acc = events(run)
+    # Baseline at step 0, then every 2 steps; the last step (6) is one of them, so no extra end validation.
+    assert steps(acc, "val/faceless_count") == [0, 2, 4, 6]
+    assert steps(acc, "val/faceless_rate") == [0, 2, 4, 6]
+    assert steps(acc, "val/seconds") == [0, 2, 4, 6]
+    # The random tiny model draws no face: face distance and CLIP score are undefined, so not logged (not 0).
+    assert "val/face_distance" not in acc.Tags()["scalars"]
+    assert all(e.value == 3 for e in acc.Scalars("val/faceless_count"))  # 3 prompts during fit
+    # The training photos against themselves: a real face distance from the offline face stack.
+    reference = acc.Scalars("reference/face_distance")
+    assert len(reference) == 1 and 0 < reference[0].value < 0.5
+    images = acc.Images("val/images")
+    assert [e.step for e in images] == [0, 2, 4, 6]
+    assert images[0].height == 3 * 256  # one row per prompt
+    assert sorted(p.name for p in (run / "validation" / "step_000004").glob("*.png")) == [
+        f"valid_image_{i}.png" for i in range(3)
+    ]
+    assert (
+        Image.open(run / "validation/step_000004/valid_image_1.png").text["prompt"]
+        == ((demo_photos.parent / "validation_prompts.txt").read_text().splitlines()[1])
+    )
+    # Validation changed nothing in training: same losses, same LoRA weights (dropout on, so modes matter).
+    losses_a = [e.value for e in acc.Scalars("train/loss")]
+    losses_b = [e.value for e in events(Path(plain.trainer.log_dir)).Scalars("train/loss")]
+    assert len(losses_a) == 6 and losses_a == losses_b
+    for (name, a), b in zip(watched.model.state_dict().items(), plain.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # Every module's train/eval mode was restored (LoRA layers train; the frozen VAE stays in eval).
+    assert [m.training for m in watched.model.modules()] == [m.training for m in plain.model.modules()]
+    assert any(m.training for m in watched.model.modules()) and not watched.model.vae.training
+
+
+def photo_generator(photos: Path):
+    """Stand-in for generation that returns real photos of the person (and a blank image for prompt 2)."""
+    pairs = load_pairs(photos)
+
+    def generate(self, prompts, seeds):
+        return [
+            Image.new("RGB", (64, 64), "white")
+            if seed % 4 == 2
+            else Image.open(pairs[seed % len(pairs)].image).convert("RGB")
+            for seed in seeds
+        ]
+
+    return generate, pairs
+
+
+def test_validate_scores_like_the_hw_formula(tiny_sd, demo_photos, tiny_clip, tmp_path, monkeypatch):
+    generate, pairs = photo_generator(demo_photos)
+    monkeypatch.setattr(LoRADiffusion, "generate", generate)
+    cli = main(args("validate", tiny_sd, demo_photos, tiny_clip, tmp_path))
+    prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
+    images = generate(None, prompts, list(range(len(prompts))))
+    # Independent computation of the HW formulas from the face model's raw embeddings.
+    face_model = FaceModel()
+    generated = face_model.embed(images)
+    reference = [e for e in face_model.embed([Image.open(p.image).convert("RGB") for p in pairs]) if e is not None]
+    with_face = [e for e in generated if e is not None]
+    norm = lambda v: np.asarray(v, dtype=np.float64) / np.linalg.norm(v)  # noqa: E731
+    expected_distance = np.mean([np.linalg.norm(norm(g) - norm(r)) for g in with_face for r in reference])
+    clip = ClipScore(tiny_clip)
+    faced = [i for i, e in enumerate(generated) if e is not None]
+    expected_clip = float(clip.scores([images[i] for i in faced], [prompts[i] for i in faced]).mean())
+    assert len(with_face) == len(prompts) - 1  # the blank image has no face
+
+    acc = events(Path(cli.trainer.log_dir))
+    logged = {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"] if tag.startswith("val/")}
+    assert logged["val/face_distance"] == pytest.approx(expected_distance, rel=1e-5)
+    assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-4, abs=1e-4)
+    assert logged["val/faceless_count"] == 1
+    assert logged["val/faceless_rate"] == pytest.approx(1 / len(prompts))
+    assert logged["val/rubric_points"] == 10  # same person: far below 1.20
+
+
+def test_best_identity_checkpoint(tiny_sd, demo_photos, tiny_clip, tmp_path, monkeypatch):
+    generate, _ = photo_generator(demo_photos)
+    monkeypatch.setattr(LoRADiffusion, "generate", generate)
+    extra = ["--trainer.max_steps=2", "--validation.every_n_steps=1", "--export.on_checkpoint=false"]
+    # A random CLIP scores near 0: lower the CLIP floor so the floors pass; faceless 1 of 3 prompts > 20%.
+    cli = main(
+        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path / "strict", *extra, "--validation.min_clip_score=-1000")
+    )
+    assert not (Path(cli.trainer.log_dir) / "checkpoints" / "best_identity.ckpt").exists()
+    cli = main(
+        args(
+            "fit",
+            tiny_sd,
+            demo_photos,
+            tiny_clip,
+            tmp_path / "loose",
+            *extra,
+            "--validation.min_clip_score=-1000",
+            "--validation.max_faceless_fraction=0.34",
+        )
+    )
+    best = Path(cli.trainer.log_dir) / "checkpoints" / "best_identity.ckpt"
+    saved = torch.load(best, weights_only=True)
+    # Identical photos at every step: the first validation (step 0) stays the best.
+    assert saved["global_step"] == 0
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("IdentityValidation"))
+    assert math.isfinite(state["best_face_distance"])
+
+
+def test_test_and_predict_write_their_files(tiny_sd, demo_photos, tiny_clip, tmp_path):
+    fit = main(
+        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path, "--trainer.max_steps=1", "--validation.baseline=false")
+    )
+    ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
+    test = main(args("test", tiny_sd, demo_photos, tiny_clip, tmp_path, f"--ckpt_path={ckpt}"))
+    test_dir = Path(test.trainer.log_dir) / "test"
+    assert sorted(p.name for p in test_dir.glob("*.png")) == sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
+    out = tmp_path / "predicted"
+    main(
+        args(
+            "predict",
+            tiny_sd,
+            demo_photos,
+            tiny_clip,
+            tmp_path,
+            f"--ckpt_path={ckpt}",
+            "--data.predict_prompts=[a photo of eileen, eileen on the moon]",
+            "--data.images_per_prompt=2",
+            f"--predict_writer.output_dir={out}",
+        )
+    )
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["000_00.png", "000_01.png", "001_00.png", "001_01.png"]
+    meta = [Image.open(f).text for f in files]
+    assert [m["prompt"] for m in meta] == ["a photo of eileen"] * 2 + ["eileen on the moon"] * 2
+    assert len({m["seed"] for m in meta}) == 4  # each image its own seed
+    # The seed in the metadata regenerates the same image.
+    model = LoRADiffusion.load_from_checkpoint(ckpt, map_location="cpu")
+    again = model.generate([meta[3]["prompt"]], [int(meta[3]["seed"])])[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(files[3]).convert("RGB")))
