@@ -152,9 +152,7 @@ class FaceModel:
         missing = {path: url for path, url in self._expected_weights().items() if not path.is_file()}
         if missing and not self.allow_download:
             listing = ", ".join(f"{path} (from {url})" for path, url in missing.items())
-            raise self._error(
-                f"weights missing and downloads are off (HF_HUB_OFFLINE/allow_download): {listing}."
-            )
+            raise self._error(f"weights missing and downloads are off (HF_HUB_OFFLINE/allow_download): {listing}.")
         try:
             with self._home():
                 detector = deepface.build_model(self.detector_backend, task="face_detector")
@@ -204,9 +202,7 @@ class FaceModel:
             out.append(self._represent(bgr)[0])
         return out
 
-    def embed_files(
-        self, paths: Sequence[str | Path], include_faceless: bool = False
-    ) -> list[np.ndarray | None]:
+    def embed_files(self, paths: Sequence[str | Path], include_faceless: bool = False) -> list[np.ndarray | None]:
         """Embed image files the way the HW embedded its training set (deepface reads them with OpenCV).
 
         Args:

@@ -57,16 +57,11 @@ def _other_faces(count: int = 8) -> list[Image.Image]:
 def test_check_installs_bundled_weights(face_model: FaceModel) -> None:
     import importlib.util
 
-    source = (
-        Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
-    )
+    source = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
     for name in WEIGHTS:
         copied = face_model.weights_dir / name
         assert copied.is_file()
-        assert (
-            hashlib.sha256(copied.read_bytes()).digest()
-            == hashlib.sha256((source / name).read_bytes()).digest()
-        )
+        assert hashlib.sha256(copied.read_bytes()).digest() == hashlib.sha256((source / name).read_bytes()).digest()
 
 
 def test_same_person_is_closer_than_other_people(face_model: FaceModel) -> None:
