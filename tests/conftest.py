@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tests never reach the Hub: anything that tries must fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,3 +34,27 @@ def tiny_tokenizer(tiny_sd):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+
+
+@pytest.fixture(scope="session")
+def demo_cli(tiny_sd, demo_photos):
+    """``demo_cli(subcommand, log_dir, *extra)``: train.py arguments running configs/demo.yaml on the fixtures."""
+
+    def args(subcommand: str, log_dir: Path, *extra: str, photos: Path | None = None) -> list[str]:
+        photos = photos or demo_photos
+        return [
+            subcommand,
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            f"--model.pretrained_model_name_or_path={tiny_sd}",
+            f"--data.data_dir={photos}",
+            f"--data.validation_prompts={demo_photos.parent / 'validation_prompts.txt'}",
+            f"--trainer.logger.init_args.save_dir={log_dir}",
+            f"--validation.cache_dir={log_dir / 'cache'}",
+            "--validation.clip_model=null",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            *extra,
+        ]
+
+    return args

@@ -18,29 +18,18 @@ from metrics.clip_score import ClipScore
 from metrics.face_model import FaceModel
 from train import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
-def args(subcommand, tiny_sd, photos, clip, log_dir, *extra):
-    return [
-        subcommand,
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        f"--model.pretrained_model_name_or_path={tiny_sd}",
-        f"--data.data_dir={photos}",
-        f"--data.validation_prompts={photos.parent / 'validation_prompts.txt'}",
-        f"--trainer.logger.init_args.save_dir={log_dir}",
-        f"--validation.clip_model={clip}",
-        f"--validation.cache_dir={log_dir / 'cache'}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
+@pytest.fixture
+def args(demo_cli, tiny_clip):
+    def build(subcommand, log_dir, *extra):
+        return demo_cli(subcommand, log_dir, f"--validation.clip_model={tiny_clip}", *extra)
+
+    return build
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -53,18 +42,13 @@ def steps(acc: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
-def test_fit_logs_metrics_and_images_without_changing_training(tiny_sd, demo_photos, tiny_clip, tmp_path):
+def test_fit_logs_metrics_and_images_without_changing_training(args, demo_photos, tmp_path):
     common = ["--trainer.max_steps=6", "--trainer.log_every_n_steps=1", "--model.lora_dropout=0.2"]
     common += ["--checkpoint.every_n_train_steps=100", "--export.on_checkpoint=false"]
-    watched = main(
-        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path / "a", *common, "--validation.every_n_steps=2")
-    )
+    watched = main(args("fit", tmp_path / "a", *common, "--validation.every_n_steps=2"))
     plain = main(
         args(
             "fit",
-            tiny_sd,
-            demo_photos,
-            tiny_clip,
             tmp_path / "b",
             *common,
             "--validation.every_n_steps=0",
@@ -120,10 +104,10 @@ def photo_generator(photos: Path):
     return generate, pairs
 
 
-def test_validate_scores_like_the_hw_formula(tiny_sd, demo_photos, tiny_clip, tmp_path, monkeypatch):
+def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_path, monkeypatch):
     generate, pairs = photo_generator(demo_photos)
     monkeypatch.setattr(LoRADiffusion, "generate", generate)
-    cli = main(args("validate", tiny_sd, demo_photos, tiny_clip, tmp_path))
+    cli = main(args("validate", tmp_path))
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
     images = generate(None, prompts, list(range(len(prompts))))
     # Independent computation of the HW formulas from the face model's raw embeddings.
@@ -147,21 +131,16 @@ def test_validate_scores_like_the_hw_formula(tiny_sd, demo_photos, tiny_clip, tm
     assert logged["val/rubric_points"] == 10  # same person: far below 1.20
 
 
-def test_best_identity_checkpoint(tiny_sd, demo_photos, tiny_clip, tmp_path, monkeypatch):
+def test_best_identity_checkpoint(args, demo_photos, tiny_clip, tmp_path, monkeypatch):
     generate, _ = photo_generator(demo_photos)
     monkeypatch.setattr(LoRADiffusion, "generate", generate)
     extra = ["--trainer.max_steps=2", "--validation.every_n_steps=1", "--export.on_checkpoint=false"]
     # A random CLIP scores near 0: lower the CLIP floor so the floors pass; faceless 1 of 3 prompts > 20%.
-    cli = main(
-        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path / "strict", *extra, "--validation.min_clip_score=-1000")
-    )
+    cli = main(args("fit", tmp_path / "strict", *extra, "--validation.min_clip_score=-1000"))
     assert not (Path(cli.trainer.log_dir) / "checkpoints" / "best_identity.ckpt").exists()
     cli = main(
         args(
             "fit",
-            tiny_sd,
-            demo_photos,
-            tiny_clip,
             tmp_path / "loose",
             *extra,
             "--validation.min_clip_score=-1000",
@@ -176,22 +155,17 @@ def test_best_identity_checkpoint(tiny_sd, demo_photos, tiny_clip, tmp_path, mon
     assert math.isfinite(state["best_face_distance"])
 
 
-def test_test_and_predict_write_their_files(tiny_sd, demo_photos, tiny_clip, tmp_path):
-    fit = main(
-        args("fit", tiny_sd, demo_photos, tiny_clip, tmp_path, "--trainer.max_steps=1", "--validation.baseline=false")
-    )
+def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
+    fit = main(args("fit", tmp_path, "--trainer.max_steps=1", "--validation.baseline=false"))
     ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
-    test = main(args("test", tiny_sd, demo_photos, tiny_clip, tmp_path, f"--ckpt_path={ckpt}"))
+    test = main(args("test", tmp_path, f"--ckpt_path={ckpt}"))
     test_dir = Path(test.trainer.log_dir) / "test"
     assert sorted(p.name for p in test_dir.glob("*.png")) == sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
     out = tmp_path / "predicted"
     main(
         args(
             "predict",
-            tiny_sd,
-            demo_photos,
-            tiny_clip,
             tmp_path,
             f"--ckpt_path={ckpt}",
             "--data.predict_prompts=[a photo of eileen, eileen on the moon]",

@@ -76,3 +76,21 @@ def test_sd15_rank4_unet_lora_checkpoint_is_a_few_megabytes():
     # float32 weights + AdamW's two moments: the whole checkpoint payload.
     megabytes = lora * 4 * 3 / 2**20
     assert 3 < megabytes < 16, megabytes
+
+
+def test_half_precision_frozen_weights_keep_float32_lora(tiny_sd, tiny_tokenizer):
+    module = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16", train_text_encoder=True)
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in module.trainable_parameters())
+    batch = {
+        "pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1,
+        "input_ids": tiny_tokenizer(["a photo"], padding="max_length", return_tensors="pt").input_ids,
+    }
+    # Under bf16 autocast (Lightning's bf16-mixed) the step runs and LoRA gradients arrive in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)

@@ -1,4 +1,5 @@
-"""LoraExport writes loadable LoRA files beside every checkpoint and at the end of a real (tiny) fit."""
+"""LoraExport writes loadable LoRA files beside every checkpoint and at the end of a real (tiny) fit, and
+``python -m callbacks.lora_export CKPT`` writes the same files from a train.py checkpoint afterwards."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.lora_export import LoraExport
+from callbacks.lora_export import main as export_main
+from lightning_modules.lora_diffusion import LoRADiffusion
+from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME
 from lightning_modules.tiny_sd import save_tiny_sd
+from train import main as train_main
 
 CAPTIONS = ["a photo of sks person, smiling", "sks person, outdoors"]
 
@@ -139,3 +144,100 @@ def test_refuses_a_module_without_lora(base, tmp_path):
                         enable_progress_bar=False, callbacks=[LoraExport()])  # fmt: skip
     with pytest.raises(ValueError, match="peft LoRA adapter"):
         trainer.fit(module, datamodule=TinyData())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python -m callbacks.lora_export CKPT, on a checkpoint of train.py
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(demo_cli, tmp_path_factory) -> Path:
+    """A 2-step train.py fit of configs/demo.yaml; a large learning rate so the LoRA clearly moves."""
+    cli = train_main(
+        demo_cli(
+            "fit",
+            tmp_path_factory.mktemp("cli_run"),
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--model.optimizer.init_args.lr=0.05",
+            "--model.lr_warmup_steps=0",
+            "--export.name=me",
+            "--validation.baseline=false",  # no identity validation images: not what is tested here
+            "--validation.at_end=false",
+        )
+    )
+    return Path(cli.trainer.log_dir)
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_command_writes_what_the_callback_wrote(cli_run, capsys):
+    export_main([str(cli_run / "checkpoints" / "last.ckpt")])
+    folder = cli_run / "checkpoints" / "lora" / "last"  # the default: <ckpt dir>/lora/<ckpt stem>
+    assert str(folder / DIFFUSERS_WEIGHT_NAME) in capsys.readouterr().out
+    callback_folder = cli_run / "lora" / "final"  # LoraExport at the end of training, also step 2
+    for name in (DIFFUSERS_WEIGHT_NAME, "me.safetensors"):  # "me": the run's export.name, from the checkpoint
+        (meta, tensors), (want_meta, want_tensors) = _read(folder / name), _read(callback_folder / name)
+        assert tensors.keys() == want_tensors.keys() and tensors
+        for key in tensors:
+            assert torch.equal(tensors[key], want_tensors[key]), key
+        meta.pop("ss_training_finished_at", None), want_meta.pop("ss_training_finished_at", None)
+        assert meta == want_meta
+    assert _read(folder / "me.safetensors")[0]["ss_steps"] == "2"
+    # Same settings, steps, captions and base model; neither has validation metrics (none ran).
+    assert (folder / "README.md").read_text() == (callback_folder / "README.md").read_text()
+
+
+# Lightning lists every frozen weight a LoRA-only checkpoint lacks; expected, see LoRADiffusion.on_save_checkpoint.
+@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
+@torch.no_grad()
+def test_exported_file_reproduces_the_checkpoint(cli_run, tiny_sd, tmp_path):
+    ckpt = cli_run / "checkpoints" / "last.ckpt"
+    export_main([str(ckpt), "--out", str(tmp_path / "out"), "--name", "other"])
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {DIFFUSERS_WEIGHT_NAME, "other.safetensors", "README.md"}
+
+    module = LoRADiffusion.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    got = module.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())  # the reference holds the checkpoint's LoRA
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, module.tokenizer.vocab_size, (2, 12), generator=g)
+    sample, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([20, 700])
+
+    def outputs(text_encoder, unet) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = text_encoder(ids)[0]
+        return hidden, unet(sample, t, hidden).sample
+
+    want = outputs(module.text_encoder, module.unet)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    base = outputs(plain.text_encoder, plain.unet)
+    # The LoRA changes both models well beyond the tolerance below, so matching it means something.
+    assert all((w - b).abs().max() > 1e-3 for w, b in zip(want, base, strict=True))
+    plain.load_lora_weights(tmp_path / "out", weight_name=DIFFUSERS_WEIGHT_NAME)
+    for got_part, want_part in zip(outputs(plain.text_encoder, plain.unet), want, strict=True):
+        torch.testing.assert_close(got_part, want_part, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "lora_file", "other_checkpoint"])
+def test_command_refuses_what_is_not_a_checkpoint(kind, cli_run, tmp_path, capsys):
+    paths = {
+        "missing": tmp_path / "nowhere.ckpt",
+        "folder": cli_run / "checkpoints",
+        "lora_file": cli_run / "lora" / "final" / "me.safetensors",
+        "other_checkpoint": tmp_path / "other.ckpt",
+    }
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 0}, paths["other_checkpoint"])
+    says = {
+        "missing": "no such checkpoint file",
+        "folder": "is a folder; pass one checkpoint file in it (.ckpt files there: last.ckpt",
+        "lora_file": "not a PyTorch checkpoint",
+        "other_checkpoint": "not a likeness checkpoint",
+    }
+    with pytest.raises(SystemExit) as info:
+        export_main([str(paths[kind])])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert says[kind] in err and str(paths[kind]) in err and "Traceback" not in err

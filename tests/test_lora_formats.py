@@ -19,7 +19,9 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors import safe_open
 
+from lightning_modules import lora_formats as formats
 from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
+from lightning_modules.lora_model_card import DEFAULT_DIFFUSERS_FILE, write_model_card
 from lightning_modules.tiny_sd import save_tiny_sd
 
 CAPTIONS = ["a photo of sks person, smiling", "sks person, outdoors", "close-up of sks person, smiling"]
@@ -251,6 +253,14 @@ def test_model_card(exported, base):
         assert how in card
     assert "`sks` (3)" in card  # most common caption word, counted independently below
     assert Counter(w for c in CAPTIONS for w in re.findall(r"[\w'-]+", c))["sks"] == 3
+
+
+def test_model_card_module_matches_formats(tmp_path):
+    # The card moved to its own module; the old import still works and names the same file by default.
+    assert formats.write_model_card is write_model_card
+    assert DEFAULT_DIFFUSERS_FILE == DIFFUSERS_WEIGHT_NAME
+    card = write_model_card(tmp_path, base_model="some/base", captions=CAPTIONS).read_text()
+    assert f"`{DIFFUSERS_WEIGHT_NAME}`" in card and "No validation metrics were recorded." in card
 
 
 def test_refuses_lora_that_changed_the_base_weights(base, tmp_path):

@@ -13,21 +13,6 @@ from train import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def demo_args(tiny_sd, photos, log_dir, *extra):
-    return [
-        "fit",
-        "--config",
-        str(ROOT / "configs/demo.yaml"),
-        f"--model.pretrained_model_name_or_path={tiny_sd}",
-        f"--data.data_dir={photos}",
-        f"--data.validation_prompts={photos.parent / 'validation_prompts.txt'}",
-        f"--trainer.logger.init_args.save_dir={log_dir}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        *extra,
-    ]
-
-
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_config_parses(config, capsys):
     with pytest.raises(SystemExit) as info:
@@ -47,11 +32,10 @@ def lora_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
 
 
-def test_demo_fit_logs_and_writes_a_small_checkpoint(tiny_sd, demo_photos, tmp_path):
+def test_demo_fit_logs_and_writes_a_small_checkpoint(demo_cli, tmp_path):
     cli = main(
-        demo_args(
-            tiny_sd,
-            demo_photos,
+        demo_cli(
+            "fit",
             tmp_path,
             "--trainer.max_steps=6",
             "--trainer.log_every_n_steps=1",
@@ -70,21 +54,18 @@ def test_demo_fit_logs_and_writes_a_small_checkpoint(tiny_sd, demo_photos, tmp_p
     assert set(saved) == cli.model.trainable_names()  # no frozen tensor
 
 
-def test_resume_gives_identical_lora_weights(tiny_sd, demo_photos, tmp_path):
+def test_resume_gives_identical_lora_weights(demo_cli, tmp_path):
     # 7 photos, batch 2: 4 batches an epoch, so step 5 is mid-epoch (the hard case).
     common = [
         "--trainer.limit_val_batches=0",
         "--checkpoint.every_n_train_steps=5",
         "--data.random_flip=true",
     ]
-    whole = main(demo_args(tiny_sd, demo_photos, tmp_path / "whole", "--trainer.max_steps=10", *common))
-    half = main(demo_args(tiny_sd, demo_photos, tmp_path / "half", "--trainer.max_steps=5", *common))
+    whole = main(demo_cli("fit", tmp_path / "whole", "--trainer.max_steps=10", *common))
+    half = main(demo_cli("fit", tmp_path / "half", "--trainer.max_steps=5", *common))
     half_ckpt = Path(half.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(half_ckpt, weights_only=True)["global_step"] == 5
-    resumed = main(
-        demo_args(tiny_sd, demo_photos, tmp_path / "half", "--trainer.max_steps=10", *common)
-        + [f"--ckpt_path={half_ckpt}"]
-    )
+    resumed = main(demo_cli("fit", tmp_path / "half", "--trainer.max_steps=10", *common) + [f"--ckpt_path={half_ckpt}"])
     assert resumed.trainer.global_step == 10
     lr_whole = whole.trainer.optimizers[0].param_groups[0]["lr"]
     assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == lr_whole
@@ -98,23 +79,38 @@ def test_resume_gives_identical_lora_weights(tiny_sd, demo_photos, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_with_other_lora_settings_is_refused(tiny_sd, demo_photos, tmp_path, capsys):
-    first = main(demo_args(tiny_sd, demo_photos, tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"))
+def test_resume_config_wins_but_lora_settings_must_match(demo_cli, tmp_path, capsys):
+    first = main(demo_cli("fit", tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"))
     ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert first.model.hparams.snr_gamma == 5.0  # configs/demo.yaml
+    # A training setting changed on resume applies (LightningCLI alone would put the checkpoint's 5.0 back).
+    with pytest.warns(UserWarning, match=r"model.snr_gamma: checkpoint 5.0, config 1.0"):
+        resumed = main(
+            demo_cli(
+                "fit",
+                tmp_path,
+                "--trainer.max_steps=2",
+                "--trainer.limit_val_batches=0",
+                "--model.snr_gamma=1.0",
+                f"--ckpt_path={ckpt}",
+            )
+        )
+    assert resumed.model.hparams.snr_gamma == 1.0 and resumed.trainer.global_step == 2
+    # A setting that shapes the LoRA tensors is refused, with one clear message.
     with pytest.raises(SystemExit) as info:
-        main(demo_args(tiny_sd, demo_photos, tmp_path, "--model.lora_rank=8", f"--ckpt_path={ckpt}"))
+        main(demo_cli("fit", tmp_path, "--model.lora_rank=8", f"--ckpt_path={ckpt}"))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "model.lora_rank: checkpoint 4, config 8" in err
     assert "Traceback" not in err
 
 
-def test_bad_data_folder_is_one_clear_error(tiny_sd, tmp_path, capsys):
+def test_bad_data_folder_is_one_clear_error(demo_cli, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "lonely.txt").write_text("a caption without a photo")
     with pytest.raises(SystemExit) as info:
-        main(demo_args(tiny_sd, photos, tmp_path))
+        main(demo_cli("fit", tmp_path, photos=photos))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "lonely.txt" in err and "Traceback" not in err
