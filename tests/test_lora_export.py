@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -241,3 +242,13 @@ def test_command_refuses_what_is_not_a_checkpoint(kind, cli_run, tmp_path, capsy
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert says[kind] in err and str(paths[kind]) in err and "Traceback" not in err
+
+
+def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys):
+    moved = shutil.copytree(tiny_sd, tmp_path / "moved-sd")
+    ckpt = cli_run / "checkpoints" / "last.ckpt"
+    export_main([str(ckpt), "--out", str(tmp_path / "out"), "--base-model", str(moved)])
+    assert f"base_model: {moved}\n" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(SystemExit) as info:
+        export_main([str(ckpt), "--out", str(tmp_path / "out2"), "--base-model", str(tmp_path / "gone")])
+    assert info.value.code == 2 and "gone: no such file or folder" in capsys.readouterr().err

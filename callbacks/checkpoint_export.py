@@ -1,0 +1,162 @@
+"""Export the LoRA files from a checkpoint that ``train.py`` wrote, as the ``LoraExport`` callback does in training.
+
+Usage::
+
+    python -m callbacks.lora_export logs/likeness/version_0/checkpoints/last.ckpt [--out DIR] [--name NAME]
+
+writes ``pytorch_lora_weights.safetensors`` (diffusers), ``<name>.safetensors`` (kohya: ComfyUI, A1111,
+Forge) and ``README.md`` into ``<checkpoint dir>/lora/<checkpoint stem>/`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from callbacks.lora_export import DEFAULT_NAME, configured_learning_rate, native_resolution, training_settings
+from lightning_modules.lora_formats import export_lora
+
+# LoRADiffusion checkpoints hold only the LoRA tensors on purpose; Lightning's warning listing every frozen
+# weight it did not find is noise here (on_load_checkpoint still refuses a checkpoint missing LoRA tensors).
+_MISSING_FROZEN_WARNING = "Found keys that are in the model state dict but not in the checkpoint"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint dict (tensors and plain data only), or an error saying why ``path`` is not one of ours."""
+    if path.is_dir():
+        found = ", ".join(sorted(p.name for p in path.glob("*.ckpt"))[:5]) or "none"
+        raise FileNotFoundError(f"{path} is a folder; pass one checkpoint file in it (.ckpt files there: {found}).")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such checkpoint file. Pass a .ckpt written by train.py, e.g. "
+            "logs/likeness/version_0/checkpoints/last.ckpt."
+        )
+    if not zipfile.is_zipfile(path):  # what torch.save writes; also spares torch.load's puzzling errors
+        raise ValueError(f"{path}: not a PyTorch checkpoint. Pass a .ckpt written by train.py (not a LoRA file).")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError) as err:
+        raise ValueError(f"{path}: not a PyTorch Lightning checkpoint that loads safely ({err}).") from err
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if (
+        not isinstance(hparams, dict)
+        or "pretrained_model_name_or_path" not in hparams
+        or "state_dict" not in checkpoint
+    ):
+        raise ValueError(
+            f"{path}: not a likeness checkpoint (no LoRADiffusion hyperparameters and LoRA state dict). "
+            "Pass a .ckpt from the checkpoints folder of a train.py run."
+        )
+    return checkpoint
+
+
+def _run_trainer_config(ckpt_path: Path) -> dict[str, Any]:
+    """The ``trainer`` section of the run's ``config.yaml`` (LightningCLI writes it beside ``checkpoints/``), if any."""
+    for folder in (ckpt_path.parent.parent, ckpt_path.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            try:
+                return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("trainer") or {}
+            except (yaml.YAMLError, AttributeError):
+                return {}  # not the CLI's config: the facts it would add are optional
+    return {}
+
+
+def _captions(datamodule_hparams: dict[str, Any]) -> list[str]:
+    """The training captions, read again from the run's data folder; none if it moved or changed shape."""
+    from datamodules.folder_scan import DataFolderError, load_pairs
+
+    data_dir = datamodule_hparams.get("data_dir")
+    if not data_dir:
+        return []
+    try:
+        return [pair.caption for pair in load_pairs(data_dir, datamodule_hparams.get("skip_bad_files", False))]
+    except (DataFolderError, OSError) as err:
+        print(f"warning: no caption statistics in the files: {err}", file=sys.stderr)
+        return []
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+) -> dict[str, Path]:
+    """Rebuild the LoRADiffusion of ``ckpt_path`` and write the callback's three files for it.
+
+    Args:
+        ckpt_path: A checkpoint written by ``train.py`` (``last.ckpt``, ``step*.ckpt``, ``best_identity.ckpt``).
+        out: Output folder; default ``<checkpoint dir>/lora/<checkpoint stem>/``.
+        name: LoRA name (kohya file stem, ``<lora:name:1>``); default: the run's ``export.name``.
+        base_model: Base model to load instead of the checkpoint's ``pretrained_model_name_or_path`` (it moved);
+            the files then name this one.
+
+    Returns:
+        ``{"diffusers": ..., "kohya": ..., "model_card": ...}`` paths.
+    """
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    ckpt_path = Path(ckpt_path).expanduser()
+    checkpoint = read_checkpoint(ckpt_path)
+    overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_MISSING_FROZEN_WARNING)
+        # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
+        module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+    dm_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    trainer_config = _run_trainer_config(ckpt_path)
+    groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
+    name = name or (checkpoint.get("callbacks") or {}).get("LoraExport", {}).get("name") or DEFAULT_NAME
+    return export_lora(
+        Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem,
+        module.unet,
+        module.text_encoder,
+        name=name,
+        base_model=str(module.hparams.pretrained_model_name_or_path),
+        steps=int(checkpoint.get("global_step", 0)),
+        resolution=dm_hparams.get("resolution") or native_resolution(module),
+        captions=_captions(dm_hparams),
+        settings=training_settings(
+            module.hparams,
+            dm_hparams,
+            precision=trainer_config.get("precision"),
+            max_steps=trainer_config.get("max_steps"),
+            learning_rate=configured_learning_rate(groups[0]),
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``CKPT [--out DIR] [--name NAME] [--base-model PATH]``; bad input exits 2 with one message."""
+    from lightning_modules.base_model import BaseModelError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m callbacks.lora_export",
+        description="Write the diffusers and kohya LoRA files and a model card from a likeness checkpoint.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser.add_argument("--out", help="output folder (default: <checkpoint dir>/lora/<checkpoint stem>)")
+    parser.add_argument("--name", help="LoRA name: kohya file stem and A1111 tag (default: the run's export.name)")
+    parser.add_argument("--base-model", help="base model path or Hub id, if it moved since training")
+    args = parser.parse_args(argv)
+    try:
+        files = export_checkpoint(args.checkpoint, args.out, args.name, args.base_model)
+    except (BaseModelError, FileNotFoundError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from err
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()
