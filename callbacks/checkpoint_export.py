@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import sys
-import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from lightning_modules.lora_formats import export_lora
 
 # LoRADiffusion checkpoints hold only the LoRA tensors on purpose; Lightning's warning listing every frozen
 # weight it did not find is noise here (on_load_checkpoint still refuses a checkpoint missing LoRA tensors).
-_MISSING_FROZEN_WARNING = "Found keys that are in the model state dict but not in the checkpoint"
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -108,10 +106,8 @@ def export_checkpoint(
     ckpt_path = Path(ckpt_path).expanduser()
     checkpoint = read_checkpoint(ckpt_path)
     overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_MISSING_FROZEN_WARNING)
-        # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
-        module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
+    # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
+    module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
     dm_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     trainer_config = _run_trainer_config(ckpt_path)
     groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]

@@ -44,6 +44,7 @@ class LoraExport(L.Callback):
         super().__init__()
         self.name = name
         self.on_checkpoint = on_checkpoint
+        self._last_folder: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail at the start, not at the first checkpoint hours later, if the LoRA cannot be exported.
@@ -59,8 +60,11 @@ class LoraExport(L.Callback):
         return {"name": self.name}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if self.on_checkpoint:
-            self._export(trainer, pl_module, self._checkpoint_dir(trainer) / "lora" / f"step-{trainer.global_step}")
+        folder = self._checkpoint_dir(trainer) / "lora" / f"step-{trainer.global_step}"
+        # last.ckpt and the step checkpoint are saved at the same step: export once.
+        if self.on_checkpoint and folder != self._last_folder:
+            self._export(trainer, pl_module, folder)
+            self._last_folder = folder
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._export(trainer, pl_module, self._log_dir(trainer) / "lora" / "final")

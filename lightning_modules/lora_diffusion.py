@@ -127,8 +127,6 @@ class LoRADiffusion(L.LightningModule):
         # weights underflow (diffusers' examples `cast_training_params`).
         for param in self.trainable_parameters():
             param.data = param.data.float()
-        # Checkpoints hold only trainable tensors, so a load must not demand the frozen ones (see on_load_checkpoint).
-        self.strict_loading = False
 
     def _lora_config(self, targets: list[str]) -> LoraConfig:
         hp = self.hparams
@@ -219,6 +217,9 @@ class LoRADiffusion(L.LightningModule):
                 "It was probably trained with other LoRA settings (rank, target modules, train_text_encoder): "
                 "use the config it was trained with."
             )
+        # The frozen weights come from the base model just loaded: complete the state dict with them, so that
+        # Lightning's strict load checks every other key.
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"])

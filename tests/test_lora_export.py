@@ -192,7 +192,6 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
 
 
 # Lightning lists every frozen weight a LoRA-only checkpoint lacks; expected, see LoRADiffusion.on_save_checkpoint.
-@pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
 @torch.no_grad()
 def test_exported_file_reproduces_the_checkpoint(cli_run, tiny_sd, tmp_path):
     ckpt = cli_run / "checkpoints" / "last.ckpt"
