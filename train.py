@@ -8,6 +8,7 @@ python train.py --help
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -105,6 +106,8 @@ class LikenessCLI(LightningCLI):
 def main(args: list[str] | None = None) -> LikenessCLI:
     from datamodules.folder_scan import DataFolderError
     from lightning_modules.base_model import BaseModelError
+    from metrics.clip_score import ClipModelError
+    from metrics.face_model import FaceModelError
 
     torch.set_float32_matmul_precision("high")
     # FaceDataModule's EpochSampler does resume mid-epoch (it skips the batches already trained on).
@@ -124,10 +127,20 @@ def main(args: list[str] | None = None) -> LikenessCLI:
                 "log_every_n_steps": 10,
             },
         )
-    except (DataFolderError, BaseModelError, FileNotFoundError, ValueError, KeyError) as err:
+    except (
+        DataFolderError,
+        BaseModelError,
+        FaceModelError,
+        ClipModelError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    ) as err:
         # Bad input: one clear message, not a traceback. Everything written so far stays valid.
+        if os.environ.get("LIKENESS_DEBUG"):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(2) from err
 
 

@@ -103,7 +103,14 @@ class LoRADiffusion(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_factory = optimizer
-        base = load_base_model(pretrained_model_name_or_path, revision, variant, config=model_config)
+        # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.
+        base = load_base_model(
+            pretrained_model_name_or_path,
+            revision,
+            variant,
+            torch_dtype=getattr(torch, frozen_dtype),
+            config=model_config,
+        )
         self.base = base
         self.tokenizer = base.tokenizer
         self.noise_scheduler = base.noise_scheduler
@@ -112,11 +119,8 @@ class LoRADiffusion(L.LightningModule):
         self.vae, self.text_encoder, self.unet = base.vae, base.text_encoder, base.unet
 
         # Freeze everything visibly, then add the adapters: peft marks only LoRA tensors trainable.
-        dtype = getattr(torch, frozen_dtype)
         for frozen in (self.vae, self.text_encoder, self.unet):
             frozen.requires_grad_(False)
-            if frozen.dtype != dtype:
-                frozen.to(dtype)
         self.vae.eval()
         self.unet.add_adapter(self._lora_config(unet_target_modules or UNET_TARGETS))
         if train_text_encoder:

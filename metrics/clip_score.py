@@ -27,6 +27,10 @@ except ImportError:  # transformers 4: CLIPImageProcessor is the PIL/NumPy one
 HW_CLIP = "openai/clip-vit-base-patch32"
 
 
+class ClipModelError(RuntimeError):
+    """The CLIP model cannot be loaded; the message says what to do."""
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
@@ -56,7 +60,7 @@ def load_clip(model_name_or_path: str | Path) -> tuple[CLIPModel, object, object
             if _offline() and not looks_like_path
             else "see the error above"
         )
-        raise RuntimeError(
+        raise ClipModelError(
             "ClipScore: could not load the CLIP model, tokenizer or image processor from "
             f"{name!r} ({where}). "
             "Run once with network access to cache it, or save it with save_pretrained to a folder and pass "

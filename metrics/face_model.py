@@ -33,6 +33,10 @@ _BUNDLED_WEIGHTS = {
 _COMPRESSED_SUFFIXES = (".bz2", ".zip")
 
 
+class FaceModelError(RuntimeError):
+    """The face model or its weights cannot be loaded; the message says what to do."""
+
+
 class FaceModel:
     """A DeepFace face detector + recognition model that turns PIL images into embeddings.
 
@@ -131,8 +135,8 @@ class FaceModel:
                 expected[self.weights_dir / file_name] = url
         return expected
 
-    def _error(self, problem: str) -> RuntimeError:
-        return RuntimeError(
+    def _error(self, problem: str) -> FaceModelError:
+        return FaceModelError(
             f"FaceModel(model_name={self.model_name!r}, detector_backend={self.detector_backend!r}): "
             f"{problem} deepface looks for weights in {self.weights_dir}. Fix: run once with network access "
             "so deepface downloads them, or download them there by hand; or use the offline default "

@@ -114,3 +114,15 @@ def test_bad_data_folder_is_one_clear_error(demo_cli, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "lonely.txt" in err and "Traceback" not in err
+
+
+def test_missing_face_model_fails_at_start_up(demo_cli, tmp_path, capsys, monkeypatch):
+    # The HW's GhostFaceNet + ssd need a download; offline, that is one clear error before any training step.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, "--validation.face_model=GhostFaceNet", "--validation.face_detector=ssd"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "GhostFaceNet" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
