@@ -34,7 +34,7 @@ STRUCTURAL_SETTINGS = (
     "unet_target_modules",
     "train_text_encoder",
     "text_encoder_target_modules",
-)
+)  # and the optimizer class: its saved state belongs to that class
 
 
 def _plain(value: Any) -> Any:
@@ -46,6 +46,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def _class_path(value: Any) -> Any:
+    return _plain(value).get("class_path") if isinstance(_plain(value), dict) else value
 
 
 class LikenessCLI(LightningCLI):
@@ -81,15 +85,28 @@ class LikenessCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        model = self.config[subcommand]["model"]
+        try:
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is not a likeness checkpoint ({type(err).__name__}). Give a .ckpt file "
+                "from a run's checkpoints/ folder (exported LoRA .safetensors files cannot be resumed)."
+            ) from None
         conflicts, changes = [], []
-        for key, old in saved.items():
-            new = _plain(model.get(key))
-            if key.startswith("_") or key not in model or _plain(old) == new:
-                continue
-            line = f"model.{key}: checkpoint {old!r}, config {new!r}"
-            (conflicts if key in STRUCTURAL_SETTINGS else changes).append(line)
+        for section, saved in (
+            ("model", checkpoint.get("hyper_parameters", {})),
+            ("data", checkpoint.get("datamodule_hyper_parameters", {})),
+        ):
+            current = self.config[subcommand][section]
+            for key, old in saved.items():
+                new = _plain(current.get(key))
+                if key.startswith("_") or key not in current or _plain(old) == new:
+                    continue
+                line = f"{section}.{key}: checkpoint {old!r}, config {new!r}"
+                structural = section == "model" and (
+                    key in STRUCTURAL_SETTINGS or (key == "optimizer" and _class_path(old) != _class_path(new))
+                )
+                (conflicts if structural else changes).append(line)
         if conflicts:
             raise ValueError(
                 f"The checkpoint {ckpt_path} was trained with other LoRA settings:\n  "
@@ -124,6 +141,8 @@ def main(args: list[str] | None = None) -> LikenessCLI:
                     "init_args": {"save_dir": "logs", "name": "likeness"},
                 },
                 "max_steps": 2000,
+                # FaceDataModule's EpochSampler shards the data by rank itself (and resumes mid-epoch).
+                "use_distributed_sampler": False,
                 "log_every_n_steps": 10,
             },
         )

@@ -111,7 +111,10 @@ def export_checkpoint(
     dm_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     trainer_config = _run_trainer_config(ckpt_path)
     groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
-    name = name or (checkpoint.get("callbacks") or {}).get("LoraExport", {}).get("name") or DEFAULT_NAME
+    callbacks = checkpoint.get("callbacks") or {}
+    name = name or callbacks.get("LoraExport", {}).get("name") or DEFAULT_NAME
+    # The last validation's numbers, as the IdentityValidation callback kept them in the checkpoint.
+    metrics = next((v.get("last_metrics") for k, v in callbacks.items() if k.startswith("IdentityValidation")), None)
     return export_lora(
         Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem,
         module.unet,
@@ -121,6 +124,7 @@ def export_checkpoint(
         steps=int(checkpoint.get("global_step", 0)),
         resolution=dm_hparams.get("resolution") or native_resolution(module),
         captions=_captions(dm_hparams),
+        metrics=metrics or None,
         settings=training_settings(
             module.hparams,
             dm_hparams,

@@ -46,6 +46,8 @@ class IdentityValidation(L.Callback):
         max_faceless_fraction: HW floor: at most this fraction of images faceless (5 of 25).
         save_best: keep ``best_identity.ckpt``: the lowest face distance among validations passing the floors.
         cache_dir: where training-photo embeddings are cached (keyed by files and face model).
+        include_faceless_references: training photos in which no face is found still count, with DeepFace's
+            whole-image embedding, as in the HW's grading; ``false`` leaves them out.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class IdentityValidation(L.Callback):
         max_faceless_fraction: float = HW_MAX_FACELESS / HW_PROMPTS,
         save_best: bool = True,
         cache_dir: str | None = None,
+        include_faceless_references: bool = True,
     ) -> None:
         self.every_n_steps = every_n_steps
         self.baseline = baseline
@@ -71,9 +74,11 @@ class IdentityValidation(L.Callback):
         self.max_faceless_fraction = max_faceless_fraction
         self.save_best = save_best
         self.cache_dir = cache_dir or default_cache_dir()
+        self.include_faceless_references = include_faceless_references
         self.scorer: IdentityScorer | None = None
         self.best_face_distance = math.inf
         self.last_step = -1
+        self.last_metrics: dict[str, float] = {}
         self._outputs: list[dict[str, Any]] = []
 
     # --- set-up: everything that can fail, fails before training ----------------------------------------------
@@ -88,6 +93,7 @@ class IdentityValidation(L.Callback):
             [pair.image for pair in pairs],
             Path(self.cache_dir) / "face_embeddings",
             self.clip_model,
+            include_faceless=self.include_faceless_references,
         )
         self._pairs = pairs
 
@@ -134,12 +140,16 @@ class IdentityValidation(L.Callback):
         return bool(self._report(trainer, outputs, "val", time.perf_counter() - started))
 
     @rank_zero_only
-    def _report(self, trainer: L.Trainer, outputs: list[dict[str, Any]], stage: str, seconds: float) -> bool:
+    def _report(
+        self, trainer: L.Trainer, outputs: list[dict[str, Any]], stage: str, seconds: float, step: int | None = None
+    ) -> bool:
+        """Score, log, save and print one validation; ``step`` defaults to the trainer's (fit)."""
         images = [im for out in outputs for im in out["images"]]
         prompts = [p for out in outputs for p in out["prompts"]]
         scores = self.scorer.score(images, prompts)
         metrics = scores.as_metrics(stage) | {f"{stage}/seconds": seconds}
-        step = trainer.global_step
+        step = trainer.global_step if step is None else step
+        self.last_metrics = metrics
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         folder = Path(trainer.log_dir or trainer.default_root_dir) / ("validation" if stage == "val" else stage)
@@ -163,6 +173,11 @@ class IdentityValidation(L.Callback):
 
     # --- validate and test subcommands (Lightning's loops call the module's *_step) ----------------------------
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._outputs, self._started = [], time.perf_counter()
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._outputs.append(outputs)
 
@@ -170,17 +185,24 @@ class IdentityValidation(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._outputs:
-            self._report(trainer, self._outputs, "val" if trainer.validating else "test", 0.0)
+            stage = "val" if trainer.validating else "test"
+            self._report(trainer, self._outputs, stage, time.perf_counter() - self._started, pl_module.loaded_step)
         self._outputs = []
 
     on_test_epoch_end = on_validation_epoch_end
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_face_distance": self.best_face_distance, "last_step": self.last_step}
+        # last_metrics: for model cards written later from the checkpoint (python -m callbacks.lora_export).
+        return {
+            "best_face_distance": self.best_face_distance,
+            "last_step": self.last_step,
+            "last_metrics": self.last_metrics,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_face_distance = state_dict["best_face_distance"]
         self.last_step = state_dict["last_step"]
+        self.last_metrics = state_dict.get("last_metrics", {})
 
 
 def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[str, Any]]:

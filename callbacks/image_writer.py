@@ -45,7 +45,7 @@ class ImageWriter(BasePredictionWriter):
                 "num_inference_steps": hp.num_inference_steps,
                 "guidance_scale": hp.guidance_scale,
                 "base_model": hp.pretrained_model_name_or_path,
-                "global_step": trainer.global_step,
+                "global_step": pl_module.loaded_step,
             }
             save_png(self.folder(trainer) / f"{int(index):03d}_{int(repeat):02d}.png", image, metadata)
 

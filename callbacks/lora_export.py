@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lightning_modules.lora_formats import export_lora, has_lora, kohya_state_dict
+from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora, has_lora, kohya_state_dict
 
 DEFAULT_NAME = "likeness_lora"
 # Lightning's short precision spellings (config.yaml) in the unified form that ``str(trainer.precision)`` gives.
@@ -42,6 +42,11 @@ class LoraExport(L.Callback):
 
     def __init__(self, name: str = DEFAULT_NAME, on_checkpoint: bool = True) -> None:
         super().__init__()
+        if Path(name).stem == Path(DIFFUSERS_WEIGHT_NAME).stem or not name or "/" in name:
+            raise ValueError(
+                f"export.name {name!r}: choose a plain file name other than {Path(DIFFUSERS_WEIGHT_NAME).stem!r}, "
+                "which the diffusers file uses."
+            )
         self.name = name
         self.on_checkpoint = on_checkpoint
         self._last_folder: Path | None = None

@@ -7,6 +7,7 @@ them, so a resumed run sees exactly the batches an uninterrupted run would have 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -40,7 +41,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
+        # Padded like DistributedSampler: every rank gets the same number of samples (and of batches).
+        return math.ceil(self.num_samples / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -51,6 +53,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         )
         # One augmentation seed per (epoch, sample), drawn after the order so both come from the same stream.
         seeds = torch.randint(2**62, (self.num_samples,), generator=generator).tolist()
+        order += order[: len(self) * self.world_size - len(order)]  # pad by wrapping around
         mine = order[self.rank :: self.world_size]
         skip, self.skip = self.skip, 0  # skipping applies to the resumed epoch only
         for index in mine[skip:]:

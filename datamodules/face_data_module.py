@@ -79,11 +79,9 @@ class FaceDataModule(L.LightningDataModule):
         self.train_dataset: ImageCaptionDataset | None = None
         self._resume: dict[str, int] = {}
 
-    def prepare_data(self) -> None:
-        # Fail before the model trains a single step, with every problem of the folder in one message.
-        load_pairs(self.hparams.data_dir, self.hparams.skip_bad_files)
-
     def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):
+            self.validation_prompt_list()  # a missing or broken prompt file fails now, not at step N
         if self.tokenizer is None and self.trainer is not None:
             self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
         if stage == "fit" and self.train_dataset is None:
@@ -114,9 +112,9 @@ class FaceDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        batches_done = self._resume.pop("batches_done", 0)
-        if 0 < batches_done * self.hparams.batch_size < len(sampler):
-            sampler.skip = batches_done * self.hparams.batch_size
+        samples_done = self._resume.pop("samples_done", 0)
+        if 0 < samples_done < len(sampler):
+            sampler.skip = samples_done
         return DataLoader(
             self.train_dataset,
             batch_size=self.hparams.batch_size,
@@ -160,7 +158,9 @@ class FaceDataModule(L.LightningDataModule):
         # How far into the epoch training got, so that a resumed run skips those batches (see EpochSampler).
         if self.trainer is None:
             return {}
-        return {"batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        # In samples, so that a resume with another batch size still skips exactly what was trained on.
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"samples_done": batches * self.hparams.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)

@@ -103,6 +103,7 @@ class LoRADiffusion(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_factory = optimizer
+        self.loaded_step = 0  # global step of the checkpoint loaded for validate/test/predict
         # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.
         base = load_base_model(
             pretrained_model_name_or_path,
@@ -115,7 +116,9 @@ class LoRADiffusion(L.LightningModule):
         self.tokenizer = base.tokenizer
         self.noise_scheduler = base.noise_scheduler
         if prediction_type is not None:
+            # Training targets and sampling must agree on what the UNet predicts.
             self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+            base.sampler_config["prediction_type"] = prediction_type
         self.vae, self.text_encoder, self.unet = base.vae, base.text_encoder, base.unet
 
         # Freeze everything visibly, then add the adapters: peft marks only LoRA tensors trainable.
@@ -181,18 +184,31 @@ class LoRADiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": unet_params, "name": "unet"}]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters only, one group per model (the text encoder may have its own lr)."""
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.unet.parameters() if p.requires_grad], "name": "unet"}
+        ]
         if self.hparams.train_text_encoder:
-            te_group = {
-                "params": [p for p in self.text_encoder.parameters() if p.requires_grad],
-                "name": "te",
-            }
+            te_group = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "name": "te"}
             if self.hparams.text_encoder_lr is not None:
                 te_group["lr"] = self.hparams.text_encoder_lr
             groups.append(te_group)
-        optimizer = self.optimizer_factory(groups)
+        return groups
+
+    def on_train_start(self) -> None:
+        # A resume restores the optimizer and scheduler with the checkpoint's learning rates; the config wins
+        # (see train.py), so put the configured base LRs back and recompute the LR at the resumed step.
+        if self.global_step == 0:
+            return
+        configured = [g["lr"] for g in self.optimizer_factory(self.param_groups()).param_groups]
+        scheduler = self.lr_schedulers()
+        for i, (group, lr) in enumerate(zip(self.optimizers().optimizer.param_groups, configured, strict=True)):
+            group["initial_lr"] = scheduler.base_lrs[i] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
         scheduler = get_scheduler(
             self.hparams.lr_scheduler,
             optimizer=optimizer,
@@ -208,6 +224,9 @@ class LoRADiffusion(L.LightningModule):
         # Only the LoRA tensors: the frozen base model is reloaded from `pretrained_model_name_or_path`.
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # The run's seed drives data order and per-step noise: a resume must use it even if the config
+        # asked for a random seed (`seed_everything: true`).
+        checkpoint["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -224,6 +243,9 @@ class LoRADiffusion(L.LightningModule):
         # The frozen weights come from the base model just loaded: complete the state dict with them, so that
         # Lightning's strict load checks every other key.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
+        if "seed" in checkpoint:
+            os.environ["PL_GLOBAL_SEED"] = str(checkpoint["seed"])
+        self.loaded_step = int(checkpoint.get("global_step", 0))
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"])

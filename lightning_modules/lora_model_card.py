@@ -125,7 +125,8 @@ def write_model_card(
         "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16)',
+        # A single checkpoint file loads with from_single_file, a Hub id or diffusers folder with from_pretrained.
+        f'pipe = StableDiffusionPipeline.{_loader(base_model)}("{base_model}", torch_dtype=torch.float16)',
         'pipe = pipe.to("cuda")',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{diffusers_file}")',
         f'image = pipe("{prompt}", num_inference_steps=30).images[0]',
@@ -146,3 +147,7 @@ def write_model_card(
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _loader(base_model: str) -> str:
+    return "from_single_file" if base_model.lower().endswith((".safetensors", ".ckpt")) else "from_pretrained"

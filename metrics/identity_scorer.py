@@ -67,6 +67,7 @@ class IdentityScorer:
         reference_paths: the training photos.
         cache_dir: where the training photos' embeddings are cached.
         clip_model: CLIP Hub id or local folder; ``None`` skips the CLIP score.
+        include_faceless: keep training photos without a detected face (whole-image embedding), as the HW did.
     """
 
     def __init__(
@@ -75,10 +76,11 @@ class IdentityScorer:
         reference_paths: Sequence[Path],
         cache_dir: Path,
         clip_model: str | None = None,
+        include_faceless: bool = True,
     ) -> None:
         self.face_model = face_model
         face_model.check()  # a missing model or weights fails here, at start-up
-        self.reference = ReferenceEmbeddings(face_model, cache_dir).compute(reference_paths)
+        self.reference = ReferenceEmbeddings(face_model, cache_dir, include_faceless).compute(reference_paths)
         # CLIP stays on the CPU: it must not take GPU memory from training.
         self.clip = ClipScore(clip_model, device="cpu") if clip_model else None
 

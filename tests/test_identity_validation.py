@@ -161,6 +161,9 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
     test = main(args("test", tmp_path, f"--ckpt_path={ckpt}"))
     test_dir = Path(test.trainer.log_dir) / "test"
+    acc = events(Path(test.trainer.log_dir))
+    assert steps(acc, "test/faceless_count") == [1]  # logged at the checkpoint's step
+    assert acc.Scalars("test/seconds")[0].value > 0
     assert sorted(p.name for p in test_dir.glob("*.png")) == sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
     out = tmp_path / "predicted"
     main(
@@ -171,6 +174,7 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
             "--data.predict_prompts=[a photo of eileen, eileen on the moon]",
             "--data.images_per_prompt=2",
             f"--predict_writer.output_dir={out}",
+            f"--data.data_dir={tmp_path / 'no-photos-needed'}",  # predict does not read the training photos
         )
     )
     files = sorted(out.glob("*.png"))

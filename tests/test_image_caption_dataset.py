@@ -121,3 +121,7 @@ def test_epoch_sampler_skip_resumes_the_same_order():
     ranks = [list(EpochSampler(10, seed=3, rank=r, world_size=2)) for r in range(2)]
     sampler.set_epoch(0)
     assert sorted(ranks[0] + ranks[1]) == sorted(EpochSampler(10, seed=3))
+    # Uneven split: padded so every rank runs the same number of batches (DDP would hang otherwise).
+    ranks = [list(EpochSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert [len(r) for r in ranks] == [4, 4, 4]
+    assert {i for r in ranks for i, _ in r} == set(range(10))

@@ -95,3 +95,10 @@ def test_half_precision_frozen_weights_keep_float32_lora(tiny_sd, tiny_tokenizer
     assert torch.isfinite(loss)
     grads = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_prediction_type_applies_to_training_and_sampling(tiny_sd):
+    module = LoRADiffusion(str(tiny_sd), prediction_type="v_prediction")
+    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    assert module.base.sampler().config.prediction_type == "v_prediction"
+    assert LoRADiffusion(str(tiny_sd)).base.sampler().config.prediction_type == "epsilon"

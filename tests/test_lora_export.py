@@ -251,3 +251,9 @@ def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         export_main([str(ckpt), "--out", str(tmp_path / "out2"), "--base-model", str(tmp_path / "gone")])
     assert info.value.code == 2 and "gone: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["pytorch_lora_weights", "", "a/b"])
+def test_export_name_that_would_clash_is_refused(name):
+    with pytest.raises(ValueError, match="export.name"):
+        LoraExport(name=name)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from train import main
@@ -54,21 +55,37 @@ def test_demo_fit_logs_and_writes_a_small_checkpoint(demo_cli, tmp_path):
     assert set(saved) == cli.model.trainable_names()  # no frozen tensor
 
 
+class StopAt(Callback):
+    """Interrupts a run after ``step`` optimizer steps, as a crash or a killed job would (max_steps unchanged)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def test_resume_gives_identical_lora_weights(demo_cli, tmp_path):
-    # 7 photos, batch 2: 4 batches an epoch, so step 5 is mid-epoch (the hard case).
+    # 7 photos, batch 2: 4 batches an epoch, so step 5 is mid-epoch (the hard case). A 2-step warmup and then
+    # cosine restarts: the learning rate changes every step, so a resume at the wrong LR would show.
     common = [
+        "--trainer.max_steps=10",
         "--trainer.limit_val_batches=0",
         "--checkpoint.every_n_train_steps=5",
         "--data.random_flip=true",
+        "--model.lr_warmup_steps=2",
+        "--model.lora_dropout=0.1",
     ]
-    whole = main(demo_cli("fit", tmp_path / "whole", "--trainer.max_steps=10", *common))
-    half = main(demo_cli("fit", tmp_path / "half", "--trainer.max_steps=5", *common))
-    half_ckpt = Path(half.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    whole = main(demo_cli("fit", tmp_path / "whole", *common))
+    stop = '--trainer.callbacks+={"class_path": "test_train_cli.StopAt", "init_args": {"step": 5}}'
+    half = main(demo_cli("fit", tmp_path / "half", *common, stop))
+    half_ckpt = Path(half.trainer.log_dir) / "checkpoints" / "step000005.ckpt"
     assert torch.load(half_ckpt, weights_only=True)["global_step"] == 5
-    resumed = main(demo_cli("fit", tmp_path / "half", "--trainer.max_steps=10", *common) + [f"--ckpt_path={half_ckpt}"])
+    resumed = main(demo_cli("fit", tmp_path / "half", *common, f"--ckpt_path={half_ckpt}"))
     assert resumed.trainer.global_step == 10
-    lr_whole = whole.trainer.optimizers[0].param_groups[0]["lr"]
-    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == lr_whole
+    lrs = [g["lr"] for g in resumed.trainer.optimizers[0].param_groups]
+    assert lrs == [g["lr"] for g in whole.trainer.optimizers[0].param_groups]
     a = lora_tensors(Path(whole.trainer.log_dir) / "checkpoints" / "last.ckpt")
     b = lora_tensors(Path(resumed.trainer.log_dir) / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
@@ -92,10 +109,14 @@ def test_resume_config_wins_but_lora_settings_must_match(demo_cli, tmp_path, cap
                 "--trainer.max_steps=2",
                 "--trainer.limit_val_batches=0",
                 "--model.snr_gamma=1.0",
+                "--model.optimizer.init_args.lr=0.002",
                 f"--ckpt_path={ckpt}",
             )
         )
     assert resumed.model.hparams.snr_gamma == 1.0 and resumed.trainer.global_step == 2
+    # The new learning rate too, although the optimizer and scheduler state came from the checkpoint.
+    assert [g["initial_lr"] for g in resumed.trainer.optimizers[0].param_groups] == [0.002, 0.002]
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.002, 0.002]
     # A setting that shapes the LoRA tensors is refused, with one clear message.
     with pytest.raises(SystemExit) as info:
         main(demo_cli("fit", tmp_path, "--model.lora_rank=8", f"--ckpt_path={ckpt}"))
@@ -126,3 +147,13 @@ def test_missing_face_model_fails_at_start_up(demo_cli, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "GhostFaceNet" in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_file_that_is_no_checkpoint_is_one_clear_error(demo_cli, tmp_path, capsys):
+    fake = tmp_path / "likeness_lora.safetensors"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, f"--ckpt_path={fake}"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a likeness checkpoint" in err and "Traceback" not in err
