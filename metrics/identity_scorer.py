@@ -54,7 +54,8 @@ class IdentityScores:
             "clip_score": self.clip_score,
             "faceless_count": float(self.faceless_count),
             "faceless_rate": self.faceless_rate,
-            "rubric_points": float(self.rubric_points),
+            # Points follow from the face distance: undefined with it.
+            "rubric_points": math.nan if math.isnan(self.face_distance) else float(self.rubric_points),
         }
         return {f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)}
 
