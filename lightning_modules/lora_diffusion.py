@@ -102,6 +102,11 @@ class LoRADiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if callable(self.hparams.get("optimizer")):
+            # Built in Python: a function cannot go into a weights_only checkpoint. (LightningCLI saves the
+            # optimizer as its class_path dict, which stays.)
+            self.remove_ignored_hparams(["optimizer"])
+            self._hparams_initial.pop("optimizer", None)
         self.optimizer_factory = optimizer
         self.loaded_step = 0  # global step of the checkpoint loaded for validate/test/predict
         # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.

@@ -102,3 +102,21 @@ def test_prediction_type_applies_to_training_and_sampling(tiny_sd):
     assert module.noise_scheduler.config.prediction_type == "v_prediction"
     assert module.base.sampler().config.prediction_type == "v_prediction"
     assert LoRADiffusion(str(tiny_sd)).base.sampler().config.prediction_type == "epsilon"
+
+
+def test_a_module_built_in_python_saves_a_weights_only_checkpoint(tiny_sd, demo_photos, tmp_path):
+    import lightning as L
+
+    from datamodules.face_data_module import FaceDataModule
+
+    module = LoRADiffusion(str(tiny_sd))
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
+    trainer.fit(module, FaceDataModule(data_dir=str(demo_photos), resolution=64))
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    saved = torch.load(tmp_path / "x.ckpt", weights_only=True)  # no pickled function inside
+    assert saved["hyper_parameters"]["pretrained_model_name_or_path"] == str(tiny_sd)
+    again = LoRADiffusion.load_from_checkpoint(tmp_path / "x.ckpt", weights_only=True)
+    for name, tensor in saved["state_dict"].items():
+        assert torch.equal(again.state_dict()[name], tensor)
