@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from PIL import Image
 
 from callbacks.prompt_grid import prompt_grid, save_images
+from callbacks.run_folders import checkpoint_dir, log_dir
 from datamodules.folder_scan import load_pairs
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
@@ -76,6 +77,7 @@ class IdentityValidation(L.Callback):
         self.cache_dir = cache_dir or default_cache_dir()
         self.include_faceless_references = include_faceless_references
         self.scorer: IdentityScorer | None = None
+        self._pairs: list = []
         self.best_face_distance = math.inf
         self.last_step = -1
         self.last_metrics: dict[str, float] = {}
@@ -87,7 +89,8 @@ class IdentityValidation(L.Callback):
         if stage == "predict" or self.scorer is not None:
             return
         datamodule = trainer.datamodule
-        pairs = load_pairs(datamodule.hparams.data_dir, datamodule.hparams.skip_bad_files)
+        # During fit the data module has read and checked the folder already (its setup runs first).
+        pairs = datamodule.pairs or load_pairs(datamodule.hparams.data_dir, datamodule.hparams.skip_bad_files)
         self.scorer = IdentityScorer(
             FaceModel(self.face_model, self.face_detector),
             [pair.image for pair in pairs],
@@ -132,7 +135,7 @@ class IdentityValidation(L.Callback):
         better = self._generate_and_score(trainer, pl_module, prompts)
         # Every rank must take part in saving a checkpoint; rank 0 decided.
         if self.save_best and trainer.strategy.broadcast(better, src=0):
-            trainer.save_checkpoint(Path(_checkpoint_dir(trainer)) / "best_identity.ckpt")
+            trainer.save_checkpoint(checkpoint_dir(trainer) / "best_identity.ckpt")
 
     def _generate_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str]) -> bool:
         started = time.perf_counter()
@@ -152,7 +155,7 @@ class IdentityValidation(L.Callback):
         self.last_metrics = metrics
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / ("validation" if stage == "val" else stage)
+        folder = log_dir(trainer) / ("validation" if stage == "val" else stage)
         names = save_images(folder / f"step_{step:06d}" if stage == "val" else folder, images, prompts, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -222,11 +225,6 @@ def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[
         torch.set_rng_state(rng[2])
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def _checkpoint_dir(trainer: L.Trainer) -> str:
-    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-    return dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
 
 
 def _summary(scores: IdentityScores) -> str:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.prompt_grid import save_png
+from callbacks.run_folders import log_dir
 
 
 class ImageWriter(BasePredictionWriter):
@@ -24,7 +25,7 @@ class ImageWriter(BasePredictionWriter):
         self.output_dir = output_dir
 
     def folder(self, trainer: L.Trainer) -> Path:
-        return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predict")
+        return Path(self.output_dir) if self.output_dir else log_dir(trainer) / "predict"
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from callbacks.run_folders import checkpoint_dir, log_dir
 from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora, has_lora, kohya_state_dict
 
 DEFAULT_NAME = "likeness_lora"
@@ -65,22 +66,14 @@ class LoraExport(L.Callback):
         return {"name": self.name}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        folder = self._checkpoint_dir(trainer) / "lora" / f"step-{trainer.global_step}"
+        folder = checkpoint_dir(trainer) / "lora" / f"step-{trainer.global_step}"
         # last.ckpt and the step checkpoint are saved at the same step: export once.
         if self.on_checkpoint and folder != self._last_folder:
             self._export(trainer, pl_module, folder)
             self._last_folder = folder
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._export(trainer, pl_module, self._log_dir(trainer) / "lora" / "final")
-
-    @staticmethod
-    def _log_dir(trainer: L.Trainer) -> Path:
-        return Path(trainer.log_dir or trainer.default_root_dir)
-
-    def _checkpoint_dir(self, trainer: L.Trainer) -> Path:
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        return Path(dirpath) if dirpath else self._log_dir(trainer) / "checkpoints"
+        self._export(trainer, pl_module, log_dir(trainer) / "lora" / "final")
 
     @rank_zero_only
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:

@@ -85,29 +85,36 @@ class BaseModel:
     sampler_config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
-    def sampler(self) -> diffusers.SchedulerMixin:
-        """Return a fresh instance of the model's own inference scheduler."""
-        name = self.sampler_config.get("_class_name", "PNDMScheduler")
+    def sampler(self, name: str | None = None) -> diffusers.SchedulerMixin:
+        """A fresh inference scheduler: the model's own, or the diffusers class ``name`` with the model's config."""
+        name = name or self.sampler_config.get("_class_name", "PNDMScheduler")
         cls = getattr(diffusers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-            raise BaseModelError(f"{self.source}: scheduler class {name!r} is not a diffusers scheduler.")
+            raise BaseModelError(
+                f"{self.source}: scheduler {name!r} is not a diffusers scheduler class "
+                "(model.sampler takes names like DPMSolverMultistepScheduler)."
+            )
         return cls.from_config(self.sampler_config)
 
     def pipeline(
-        self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None
+        self,
+        unet: torch.nn.Module | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        sampler: str | None = None,
     ) -> StableDiffusionPipeline:
         """Build an inference pipeline sharing these modules (no weights are copied).
 
         Args:
             unet: UNet to use instead of ``self.unet``, e.g. the LoRA-wrapped one being trained.
             text_encoder: Text encoder to use instead of ``self.text_encoder``.
+            sampler: diffusers scheduler class name instead of the model's own.
         """
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder if text_encoder is None else text_encoder,
             tokenizer=self.tokenizer,
             unet=self.unet if unet is None else unet,
-            scheduler=self.sampler(),
+            scheduler=self.sampler(sampler),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

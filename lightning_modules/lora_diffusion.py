@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import diffusers
 import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
@@ -20,15 +19,6 @@ from lightning_modules.diffusion_loss import diffusion_loss
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
-
-
-def sampler_class(name: str) -> type[diffusers.SchedulerMixin]:
-    cls = getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ValueError(
-            f"model.sampler: {name!r} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler)."
-        )
-    return cls
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -269,9 +259,7 @@ class LoRADiffusion(L.LightningModule):
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per prompt with the in-memory (LoRA) UNet and text encoder; seed ``seeds[i]`` for image i."""
         hp = self.hparams
-        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder)
-        if hp.sampler is not None:
-            pipeline.scheduler = sampler_class(hp.sampler).from_config(pipeline.scheduler.config)
+        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
         pipeline.set_progress_bar_config(disable=True)
         size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
         # CPU generators: the same seed gives the same image on any device.

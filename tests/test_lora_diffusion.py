@@ -120,3 +120,15 @@ def test_a_module_built_in_python_saves_a_weights_only_checkpoint(tiny_sd, demo_
     again = LoRADiffusion.load_from_checkpoint(tmp_path / "x.ckpt", weights_only=True)
     for name, tensor in saved["state_dict"].items():
         assert torch.equal(again.state_dict()[name], tensor)
+
+
+def test_sampler_setting_picks_the_inference_scheduler(tiny_sd):
+    from diffusers import DDIMScheduler
+
+    from lightning_modules.base_model import BaseModelError
+
+    module = LoRADiffusion(str(tiny_sd), prediction_type="v_prediction")
+    scheduler = module.base.pipeline(sampler="DDIMScheduler").scheduler
+    assert isinstance(scheduler, DDIMScheduler) and scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(BaseModelError, match="NoSuchScheduler"):
+        module.base.pipeline(sampler="NoSuchScheduler")
