@@ -182,7 +182,22 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     meta = [Image.open(f).text for f in files]
     assert [m["prompt"] for m in meta] == ["a photo of eileen"] * 2 + ["eileen on the moon"] * 2
     assert len({m["seed"] for m in meta}) == 4  # each image its own seed
-    # The seed in the metadata regenerates the same image.
+    # The seed in the metadata regenerates the image. Alone (batch 1, not predict's batch of 4) the float sums
+    # run in another order, so pixels may move by rounding (a grey level or two), never in content.
     model = LoRADiffusion.load_from_checkpoint(ckpt, map_location="cpu")
-    again = model.generate([meta[3]["prompt"]], [int(meta[3]["seed"])])[0]
-    assert np.array_equal(np.asarray(again), np.asarray(Image.open(files[3]).convert("RGB")))
+    written = [pixels(Image.open(f)) for f in files]
+    alone = pixels(model.generate([meta[3]["prompt"]], [int(meta[3]["seed"])])[0])
+    assert np.abs(alone - written[3]).max() <= GREY_LEVELS
+    # The tolerance still tells images apart: another seed of the same prompt is far outside it.
+    assert np.abs(written[2] - written[3]).max() > 10 * GREY_LEVELS
+    # Like with like (same batch, same machine): bit for bit.
+    batch = model.generate([m["prompt"] for m in meta], [int(m["seed"]) for m in meta])
+    for image, want in zip(batch, written, strict=True):
+        assert np.array_equal(pixels(image), want)
+
+
+GREY_LEVELS = 2  # rounding across batch shapes, CPUs and thread counts (issue #8)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
