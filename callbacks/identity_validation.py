@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -19,12 +18,9 @@ from PIL import Image
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
 from datamodules.folder_scan import load_pairs
+from datamodules.latent_cache import default_cache_dir
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
-
-
-def default_cache_dir() -> str:
-    return str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "likeness")
 
 
 class IdentityValidation(L.Callback):
@@ -74,7 +70,7 @@ class IdentityValidation(L.Callback):
         self.min_clip_score = min_clip_score
         self.max_faceless_fraction = max_faceless_fraction
         self.save_best = save_best
-        self.cache_dir = cache_dir or default_cache_dir()
+        self.cache_dir = cache_dir or str(default_cache_dir())
         self.include_faceless_references = include_faceless_references
         self.scorer: IdentityScorer | None = None
         self._pairs: list = []

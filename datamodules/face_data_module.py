@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from datamodules.epoch_sampler import EpochSampler
 from datamodules.folder_scan import Pair, load_pairs
 from datamodules.image_caption_dataset import ImageCaptionDataset
+from datamodules.latent_cache import CacheReport, LatentCache, default_cache_dir, weights_fingerprint
 
 
 def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
@@ -47,12 +49,19 @@ class FaceDataModule(L.LightningDataModule):
         center_crop: center crop (else a random crop).
         random_flip: random horizontal flip. Faces are not symmetric: off by default for identity training.
         batch_size: training batch size per device.
-        num_workers: data loader worker processes.
+        num_workers: data loader worker processes; default: none when latents are cached (the loader then serves
+            small tensors from memory), else up to 8 on a GPU (decoding photos off the training step) and none
+            on a CPU (its cores compute the step).
+        cache_latents: encode every training photo through the VAE once before step 1 (both orientations with
+            ``random_flip``) and keep the latents on disk for later runs and resumes. Random crops cannot be
+            cached: with ``center_crop: false`` the VAE encodes each batch as it trains.
+        cache_dir: latent cache folder; default ``~/.cache/likeness/latents``.
         skip_bad_files: train on the good pairs and log the bad files, instead of stopping with the list.
         validation_prompts: a text file with one prompt per line, or a list of prompts.
         num_validation_prompts: how many of them (the first ones) to generate during ``fit`` (HW: 3);
             ``None`` for all. ``validate`` and ``test`` use all.
-        validation_batch_size: prompts generated together.
+        validation_batch_size: prompts generated together; default: all at once (on a GPU that runs out of
+            memory, halved until it fits).
         predict_prompts: prompts for ``predict`` (file or list); default: the validation prompts.
         images_per_prompt: images per prompt in ``predict``.
     """
@@ -64,13 +73,15 @@ class FaceDataModule(L.LightningDataModule):
         center_crop: bool = True,
         random_flip: bool = False,
         batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         skip_bad_files: bool = False,
         validation_prompts: str | list[str] | None = None,
         num_validation_prompts: int | None = 3,
-        validation_batch_size: int = 4,
+        validation_batch_size: int | None = None,
         predict_prompts: str | list[str] | None = None,
         images_per_prompt: int = 1,
+        cache_latents: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +89,8 @@ class FaceDataModule(L.LightningDataModule):
         self.pairs: list[Pair] = []
         self.train_dataset: ImageCaptionDataset | None = None
         self._resume: dict[str, int] = {}
+        self._encodings_ready = False
+        self.latent_cache_report: CacheReport | None = None
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
@@ -104,6 +117,15 @@ class FaceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
+        if not self._encodings_ready and self.trainer is not None:
+            # Here, not in setup: the model is on its device now, and Lightning asks for the loader before step 1.
+            self.prepare_encodings(self.trainer.lightning_module)
+            self._encodings_ready = True
+        num_workers = self.hparams.num_workers
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if num_workers is None:
+            cached = self.train_dataset.latents is not None
+            num_workers = 0 if cached or not on_gpu else min(8, max(1, (os.cpu_count() or 2) - 1))
         world_size = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = EpochSampler(
@@ -119,14 +141,59 @@ class FaceDataModule(L.LightningDataModule):
             self.train_dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=on_gpu,
             drop_last=False,
         )
 
+    def prepare_encodings(self, model: L.LightningModule) -> None:
+        """Cache what the frozen encoders of ``model`` make of the training data, as far as it can be cached.
+
+        Latents (the VAE's moments) when ``cache_latents`` and center crop; the text encoder's hidden states when
+        ``model.text_encoder_frozen``. ``model`` gives ``vae``, ``latent_moments(pixels)`` and
+        ``encode_prompts(input_ids)``. Rank 0 encodes and writes the latent cache; the other ranks read it.
+        """
+        dataset, hp = self.train_dataset, self.hparams
+        if hp.cache_latents and not hp.center_crop:
+            rank_zero_info(
+                "data.center_crop is false: random crops cannot be cached, so the VAE encodes every batch as it "
+                "trains (set data.center_crop: true to train from cached latents)."
+            )
+        elif hp.cache_latents and hasattr(model, "latent_moments"):
+            vae = model.vae
+            cache = LatentCache(
+                Path(hp.cache_dir).expanduser() if hp.cache_dir else default_cache_dir() / "latents",
+                weights_fingerprint(vae.encoder, vae.quant_conv),
+                hp.resolution,
+            )
+            flips = (False, True) if hp.random_flip else (False,)
+            strategy = self.trainer.strategy if self.trainer is not None else None
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            if strategy is not None and rank != 0:
+                strategy.barrier()  # rank 0 writes the entries first
+            images = [pair.image for pair in self.pairs]
+            dataset.latents, report = cache.fill(
+                images, flips, dataset.pixels, model.latent_moments, progress=rank == 0
+            )
+            if strategy is not None and rank == 0:
+                strategy.barrier()
+            self.latent_cache_report = report
+            rank_zero_info(
+                f"Latent cache {cache.folder}: {report.reused} entries reused, {report.encoded} encoded"
+                + (f" ({report.rebuilt} corrupt ones rebuilt)" if report.rebuilt else "")
+                + "; the VAE encoder does not run during training."
+            )
+        if getattr(model, "text_encoder_frozen", False):
+            ids = dataset.input_ids
+            dataset.hidden_states = torch.cat(
+                [model.encode_prompts(ids[i : i + 32]).float().cpu() for i in range(0, len(ids), 32)]
+            )
+            rank_zero_info(f"Text encoder frozen: embeddings of the {len(ids)} captions computed once.")
+
     def prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
         items = [{"prompt": p, "index": i, "repeat": r} for i, p in enumerate(prompts) for r in range(repeats)]
-        return DataLoader(items, batch_size=self.hparams.validation_batch_size, shuffle=False)
+        return DataLoader(items, batch_size=self.hparams.validation_batch_size or max(1, len(items)), shuffle=False)
 
     def validation_prompt_list(self, all_prompts: bool = False) -> list[str]:
         prompts = read_prompts(self.hparams.validation_prompts, "data.validation_prompts")

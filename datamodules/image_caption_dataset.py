@@ -34,6 +34,11 @@ def load_rgb(path) -> Image.Image:
 class ImageCaptionDataset(Dataset):
     """Serves ``{"pixel_values", "input_ids", "caption"}`` for each pair.
 
+    With :attr:`latents` set (the latent cache, center crop only) it serves ``latent_mean``/``latent_std`` of the
+    drawn orientation instead of pixels; with :attr:`hidden_states` set (a frozen text encoder's outputs per pair)
+    also ``encoder_hidden_states``. Random draws are the same either way, so cached and live runs see the same
+    flips.
+
     Indexed by ``(index, seed)`` tuples from :class:`~datamodules.epoch_sampler.EpochSampler` so that a random crop
     or flip is a function of the seed alone: the same on resume and in any worker. A plain ``int`` index means no
     random augmentation (seed 0).
@@ -59,6 +64,9 @@ class ImageCaptionDataset(Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.input_ids = self.tokenize([pair.caption for pair in pairs])  # once, not every step
+        self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.hidden_states: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -84,17 +92,29 @@ class ImageCaptionDataset(Dataset):
             left = int(torch.randint(spare_x + 1, (1,), generator=generator))
             top = int(torch.randint(spare_y + 1, (1,), generator=generator))
         image = image.crop((left, top, left + size, top + size))
-        if self.random_flip and generator is not None and torch.rand(1, generator=generator).item() < 0.5:
+        if self._flip(generator):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+    def _flip(self, generator: torch.Generator | None) -> bool:
+        return self.random_flip and generator is not None and torch.rand(1, generator=generator).item() < 0.5
+
+    def pixels(self, index: int, flip: bool = False) -> torch.Tensor:
+        """Pair ``index``'s center-cropped training pixels, mirrored after the crop as :meth:`transform` does."""
+        pixels = self.transform(load_rgb(self.pairs[index].image), None)
+        return pixels.flip(-1) if flip else pixels
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        pair = self.pairs[index]
-        return {
-            "pixel_values": self.transform(load_rgb(pair.image), generator),
-            "input_ids": self.tokenize([pair.caption])[0],
-            "caption": pair.caption,
-        }
+        item = {"input_ids": self.input_ids[index], "caption": self.pairs[index].caption}
+        if self.latents is not None:
+            # Center crop draws nothing; the flip draw is the one `transform` would make.
+            mean, std = self.latents[index, self._flip(generator)]
+            item |= {"latent_mean": mean, "latent_std": std}
+        else:
+            item["pixel_values"] = self.transform(load_rgb(self.pairs[index].image), generator)
+        if self.hidden_states is not None:
+            item["encoder_hidden_states"] = self.hidden_states[index]
+        return item

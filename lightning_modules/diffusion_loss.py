@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
-from transformers import CLIPTextModel
 
 
 def loss_target(
@@ -32,24 +31,31 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / snr
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """A draw from the VAE's latent distribution N(mean, std²), scaled for the UNet, in float32.
+
+    The same draw whether the moments come from the latent cache or from encoding now, so a cached run trains
+    like an uncached one. Draws from the global torch RNG.
+    """
+    # torch.randn of the shape, not randn_like: a VAE's mean is a strided view, and randn_like follows strides.
+    sample = torch.randn(mean.shape, dtype=torch.float32, device=mean.device)
+    return (mean.float() + std.float() * sample) * scaling_factor
+
+
 def diffusion_loss(
-    vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
     unet: UNet2DConditionModel,
     scheduler: DDPMScheduler,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Encode to latents, noise them at uniform random timesteps and score the UNet's prediction (MSE).
+    """Noise the (scaled) latents at uniform random timesteps and score the UNet's prediction (MSE).
 
     Draws from the global torch RNG: the caller decides its seed.
     """
-    with torch.no_grad():
-        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
-        latents = latents * vae.config.scaling_factor
-    latents = latents.float()
+    # contiguous: randn_like follows strides, and latents encoded now or read from the cache must draw alike.
+    latents = latents.float().contiguous()
     noise = torch.randn_like(latents)
     if noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org "diffusion with offset noise"): lets the model learn
@@ -58,7 +64,6 @@ def diffusion_loss(
     batch_size = latents.shape[0]
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=latents.device).long()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
     prediction = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
     target = loss_target(scheduler, latents, noise, timesteps)
     if snr_gamma is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -11,10 +14,12 @@ from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from lightning_modules.base_model import load_base_model
-from lightning_modules.diffusion_loss import diffusion_loss
+from lightning_modules.diffusion_loss import diffusion_loss, sample_latents
+from lightning_modules.generation import BatchedGeneration
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -23,6 +28,22 @@ LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 
 def adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)
+
+
+def fused_adam(optimizer: torch.optim.Optimizer, devices: tuple[str, ...] = ("cuda",)) -> torch.optim.Optimizer:
+    """Adam/AdamW rebuilt with torch's fused kernel (one launch updates every LoRA tensor) when all parameters are
+    on ``devices`` and the config chose no implementation (``fused``/``foreach``); any other optimizer as it is."""
+    defaults = optimizer.defaults
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or defaults.get("differentiable"):
+        return optimizer
+    if defaults.get("fused") is not None or defaults.get("foreach") is not None:
+        return optimizer
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params or any(p.device.type not in devices or not p.dtype.is_floating_point for p in params):
+        return optimizer
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold more than it takes
+    groups = [{**group, "fused": True} for group in optimizer.param_groups]
+    return type(optimizer)(groups, **{k: v for k, v in defaults.items() if k in accepted} | {"fused": True})
 
 
 class LoRADiffusion(L.LightningModule):
@@ -59,6 +80,10 @@ class LoRADiffusion(L.LightningModule):
         sampler: diffusers scheduler class name for generating, e.g. ``DPMSolverMultistepScheduler``;
             default: the base model's own.
         generation_seed: image ``i`` of prompt ``p`` is generated with seed ``generation_seed + p`` (+ 1000 ``i``).
+        compile: compile the UNet's repeated transformer blocks with ``torch.compile`` (regional compilation:
+            seconds to compile instead of minutes for the whole UNet). Worth it on a GPU; off by default.
+        compile_mode: ``torch.compile`` mode, e.g. ``reduce-overhead`` for CUDA graphs; default: torch's.
+        gradient_checkpointing: recompute activations in the backward pass: less memory, slower steps.
     """
 
     def __init__(
@@ -89,6 +114,9 @@ class LoRADiffusion(L.LightningModule):
         image_size: int | None = None,
         sampler: str | None = None,
         generation_seed: int = 0,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +157,19 @@ class LoRADiffusion(L.LightningModule):
         # weights underflow (diffusers' examples `cast_training_params`).
         for param in self.trainable_parameters():
             param.data = param.data.float()
+        self._lora_layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
+        self.batched_generation = BatchedGeneration()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
+                self.text_encoder.gradient_checkpointing_enable()
+                self.text_encoder.train()
+        if compile:
+            # Regional compilation (diffusers' `compile_repeated_blocks`, PyTorch's regional compilation recipe):
+            # the 16 transformer blocks share a handful of shapes, so compiling them costs a fraction of a
+            # whole-UNet compile (150-190 s on an H100, issue #9) for most of the speed-up.
+            self.unet.compile_repeated_blocks(mode=compile_mode)
 
     def _lora_config(self, targets: list[str]) -> LoraConfig:
         hp = self.hparams
@@ -164,20 +205,78 @@ class LoRADiffusion(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self._lora_inputs_under_autocast():
             torch.manual_seed(self.step_seed())
             loss = diffusion_loss(
-                self.vae,
-                self.text_encoder,
                 self.unet,
                 self.noise_scheduler,
-                batch["pixel_values"],
-                batch["input_ids"],
+                self.batch_latents(batch),
+                self.batch_text_embeddings(batch),
                 noise_offset=self.hparams.noise_offset,
                 snr_gamma=self.hparams.snr_gamma,
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents of a batch: drawn from the cached latent moments, or from encoding the pixels now."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            mean, std = self.latent_moments(batch["pixel_values"])
+        return sample_latents(mean, std, self.vae.config.scaling_factor)
+
+    def batch_text_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The text encoder's hidden states: cached ones when the text encoder is frozen, else computed now."""
+        if "encoder_hidden_states" in batch:
+            if self.hparams.train_text_encoder:
+                raise ValueError("Cached text embeddings cannot train a text-encoder LoRA: serve input_ids.")
+            return batch["encoder_hidden_states"]
+        return self.text_encoder(batch["input_ids"], return_dict=False)[0]
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        """The text encoder does not train: its outputs per caption never change and can be cached."""
+        return not self.hparams.train_text_encoder
+
+    def _forward_context(self):
+        # The trainer's precision (autocast for *-mixed): cached encodings must be computed as live ones are.
+        return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+
+    @torch.no_grad()
+    def latent_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the VAE's latent distribution of images in [-1, 1], float32."""
+        with self._forward_context():
+            dist = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (frozen) text encoder's last hidden states for token ids, as the training step computes them."""
+        with self._forward_context():
+            return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+
+    @contextmanager
+    def _lora_inputs_under_autocast(self) -> Iterator[None]:
+        """Under autocast, keep peft from casting every LoRA layer's input to the float32 LoRA weights' dtype.
+
+        peft casts x to float32 before ``lora_A``, and autocast casts it straight back to bfloat16 for the matmul:
+        two activation-sized copies per LoRA layer forward and two more backward, most of the ~2,400 copy
+        kernels per step that issue #9's profile found. The result is bit-identical (bf16 -> fp32 -> bf16 is
+        exact). The LoRA weights themselves stay float32 master weights, which AdamW updates without bf16
+        underflow; autocast casts each once per forward (its weight cache), a few hundred tiny copies.
+        Outside autocast (generation with bf16 frozen weights) peft's cast is needed and stays on.
+        """
+        if not torch.is_autocast_enabled(self.device.type):
+            yield
+            return
+        for layer in self._lora_layers:
+            layer.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = True
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only, one group per model (the text encoder may have its own lr)."""
@@ -203,7 +302,7 @@ class LoRADiffusion(L.LightningModule):
             group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.param_groups())
+        optimizer = fused_adam(self.optimizer_factory(self.param_groups()))
         scheduler = get_scheduler(
             self.hparams.lr_scheduler,
             optimizer=optimizer,
@@ -262,18 +361,16 @@ class LoRADiffusion(L.LightningModule):
         pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
         pipeline.set_progress_bar_config(disable=True)
         size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
-        # CPU generators: the same seed gives the same image on any device.
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipeline(
+        return self.batched_generation(
+            pipeline,
             prompts,
-            negative_prompt=[hp.negative_prompt] * len(prompts) if hp.negative_prompt else None,
+            seeds,
+            negative_prompt=hp.negative_prompt,
             num_inference_steps=hp.num_inference_steps,
             guidance_scale=hp.guidance_scale,
             height=size,
             width=size,
-            generator=generators,
-            output_type="pil",
-        ).images
+        )
 
     def generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         seeds = self.seeds_for(batch)

@@ -41,6 +41,7 @@ def demo_cli(tiny_sd, demo_photos, tmp_path_factory):
     """``demo_cli(subcommand, log_dir, *extra)``: train.py arguments running configs/demo.yaml on the fixtures."""
 
     cache_dir = tmp_path_factory.mktemp("face-cache")  # embed the demo photos once per session
+    latent_dir = tmp_path_factory.mktemp("latent-cache")  # encode them once per session, never in ~/.cache
 
     def args(subcommand: str, log_dir: Path, *extra: str, photos: Path | None = None) -> list[str]:
         photos = photos or demo_photos
@@ -53,6 +54,7 @@ def demo_cli(tiny_sd, demo_photos, tmp_path_factory):
             f"--data.validation_prompts={demo_photos.parent / 'validation_prompts.txt'}",
             f"--trainer.logger.init_args.save_dir={log_dir}",
             f"--validation.cache_dir={cache_dir}",
+            f"--data.cache_dir={latent_dir}",
             "--validation.clip_model=null",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lightning_modules.diffusion_loss import diffusion_loss, loss_target, min_snr_weights
+from lightning_modules.diffusion_loss import diffusion_loss, loss_target, min_snr_weights, sample_latents
 
 
 def sd_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -58,34 +58,27 @@ class Recorder(torch.nn.Module):
         self.dtype = torch.float32
 
     def forward(self, noisy, timesteps, hidden, return_dict=False):
-        self.noisy, self.timesteps = noisy, timesteps
+        self.noisy, self.timesteps, self.hidden = noisy, timesteps, hidden
         return (self.prediction,)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_diffusion_loss_matches_a_manual_computation(tiny_sd, prediction_type, snr_gamma):
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
-    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma):
     scheduler = sd_scheduler(prediction_type)
-    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
-    ids = torch.randint(0, 100, (2, 77))
+    latents = torch.randn(2, 4, 32, 32)
+    hidden = torch.randn(2, 77, 32)
     prediction = torch.randn(2, 4, 32, 32)
     unet = Recorder(prediction)
 
     torch.manual_seed(7)
-    loss = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids, snr_gamma=snr_gamma)
+    loss = diffusion_loss(unet, scheduler, latents, hidden, snr_gamma=snr_gamma)
 
-    # Replay the same random draws by hand: latent sample, noise, timesteps.
+    # Replay the same random draws by hand: noise, timesteps.
     torch.manual_seed(7)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (2,))
-    assert torch.equal(unet.timesteps, t)
+    assert torch.equal(unet.timesteps, t) and unet.hidden is hidden
     a = torch.from_numpy(alphas_cumprod_numpy()[t.numpy()]).float().view(-1, 1, 1, 1)
     torch.testing.assert_close(unet.noisy, a.sqrt() * latents + (1 - a).sqrt() * noise, rtol=1e-4, atol=1e-4)
     target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
@@ -96,20 +89,31 @@ def test_diffusion_loss_matches_a_manual_computation(tiny_sd, prediction_type, s
     torch.testing.assert_close(loss, per_sample.mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_noise_offset_shifts_each_channel(tiny_sd):
+def test_sample_latents_draws_as_the_vae_does(tiny_sd):
+    """Cached moments give the very latents that encoding now and ``latent_dist.sample()`` would give."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    torch.manual_seed(5)
+    want = dist.sample() * vae.config.scaling_factor
+    torch.manual_seed(5)
+    got = sample_latents(dist.mean, dist.std, vae.config.scaling_factor)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got - dist.mean * vae.config.scaling_factor).abs().max() > 1e-3  # a draw, not the mean
+
+
+def test_noise_offset_shifts_each_channel():
     scheduler = sd_scheduler("epsilon")
-    pixels = torch.zeros(1, 3, 64, 64)
-    ids = torch.zeros(1, 77, dtype=torch.long)
+    latents = torch.zeros(1, 4, 32, 32)
+    hidden = torch.zeros(1, 77, 32)
     unet = Recorder(torch.zeros(1, 4, 32, 32))
     torch.manual_seed(3)
-    plain = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids)
+    plain = diffusion_loss(unet, scheduler, latents, hidden)
     torch.manual_seed(3)
-    offset = diffusion_loss(vae, text_encoder, unet, scheduler, pixels, ids, noise_offset=10.0)
+    offset = diffusion_loss(unet, scheduler, latents, hidden, noise_offset=10.0)
     # With a zero prediction the loss is E[noise^2]: a large per-channel offset raises it far above 1.
     assert plain.item() == pytest.approx(1.0, abs=0.2)
     assert offset.item() > 5

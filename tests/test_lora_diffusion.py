@@ -132,3 +132,101 @@ def test_sampler_setting_picks_the_inference_scheduler(tiny_sd):
     assert isinstance(scheduler, DDIMScheduler) and scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(BaseModelError, match="NoSuchScheduler"):
         module.base.pipeline(sampler="NoSuchScheduler")
+
+
+def _live_batch(tokenizer, size: int = 64) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+        "input_ids": tokenizer(["a photo", "a face"], padding="max_length", return_tensors="pt").input_ids,
+    }
+
+
+def test_lora_inputs_are_not_cast_twice_under_autocast(module, tiny_tokenizer, monkeypatch):
+    """Under bf16 autocast peft's float32 cast of each LoRA input is skipped: same loss, fewer copy kernels."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = _live_batch(tiny_tokenizer)
+
+    def step() -> tuple[torch.Tensor, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.training_step(batch, 0)
+        return loss.detach(), sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    loss, copies = step()
+    assert all(layer.cast_input_dtype_enabled for layer in module._lora_layers)  # restored after the step
+    monkeypatch.setattr(module, "_lora_inputs_under_autocast", nullcontext)
+    peft_loss, peft_copies = step()
+    assert torch.equal(loss, peft_loss)  # bf16 -> fp32 -> bf16 is exact: nothing changes but the work
+    # One cast per LoRA layer saved at least (each also cost autocast a cast back).
+    assert peft_copies - copies >= len(module._lora_layers)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sd, tiny_tokenizer):
+    batch = _live_batch(tiny_tokenizer)
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = LoRADiffusion(str(tiny_sd), train_text_encoder=True, gradient_checkpointing=checkpointing)
+        loss = model.training_step(batch, 0)
+        # Forward calls during the backward pass: the recomputation of checkpointed layers, per model.
+        again = {"unet": 0, "text_encoder": 0}
+        for part in again:
+            for sub in getattr(model, part).modules():
+                sub.register_forward_hook(lambda *_, part=part, again=again: again.__setitem__(part, again[part] + 1))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = loss.detach(), grads, again
+    (loss, grads, again), (ckpt_loss, ckpt_grads, ckpt_again) = results[False], results[True]
+    assert again == {"unet": 0, "text_encoder": 0}
+    assert ckpt_again["unet"] > 0 and ckpt_again["text_encoder"] > 0
+    torch.testing.assert_close(ckpt_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_adam_where_the_config_chose_no_implementation():
+    from lightning_modules.lora_diffusion import fused_adam
+
+    def groups(seed: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(8, 4, generator=g)) for _ in range(3)]
+        return [{"params": params[:2], "name": "unet"}, {"params": params[2:], "name": "te", "lr": 1e-3}]
+
+    plain = torch.optim.AdamW(groups(0), lr=1e-2, weight_decay=0.1)
+    fused = fused_adam(torch.optim.AdamW(groups(0), lr=1e-2, weight_decay=0.1), devices=("cpu",))
+    assert fused.defaults["fused"] and all(group["fused"] for group in fused.param_groups)
+    assert [(g["name"], g["lr"]) for g in fused.param_groups] == [("unet", 1e-2), ("te", 1e-3)]
+    for step in range(3):
+        for optimizer in (plain, fused):
+            g = torch.Generator().manual_seed(step)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = torch.randn(param.shape, generator=g)
+            optimizer.step()
+    for a, b in zip(plain.param_groups, fused.param_groups, strict=True):
+        for p, q in zip(a["params"], b["params"], strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(p, groups(0)[0]["params"][0])
+    # Left alone: parameters on other devices, a chosen implementation, other optimizers.
+    assert not fused_adam(torch.optim.AdamW(groups(0))).defaults["fused"]  # CPU parameters, CUDA-only default
+    assert not fused_adam(torch.optim.AdamW(groups(0), foreach=False), devices=("cpu",)).defaults["fused"]
+    sgd = torch.optim.SGD(groups(0), lr=0.1)
+    assert fused_adam(sgd, devices=("cpu",)) is sgd
+
+
+@pytest.mark.slow
+def test_compiled_unet_blocks_train_like_eager(tiny_sd, tiny_tokenizer):
+    batch = _live_batch(tiny_tokenizer)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = LoRADiffusion(str(tiny_sd), compile=compiled)
+        assert any(getattr(m, "_compiled_call_impl", None) for m in model.unet.modules()) == compiled
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        losses[compiled] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-4, atol=1e-6)
+    for name, grad in losses[False][1].items():
+        torch.testing.assert_close(losses[True][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -1,0 +1,467 @@
+"""Training speed of likeness's Lightning path against the plain diffusers-example LoRA recipe, on SD1.5.
+
+The model is the real SD1.5 architecture with random weights (built from ``lightning_modules/model_configs/sd15``)
+and the photos are synthetic, so nothing is downloaded. Both paths train on the same model folder and photos, in
+one process, one after the other. Usage, from the repo root::
+
+    python benchmarks/train_speed.py                                   # CUDA, bf16-mixed, settings hw,unet-r4-b8
+    python benchmarks/train_speed.py --settings all --json speed.json
+    python benchmarks/train_speed.py --likeness-option model.compile=true --likeness-option data.cache_latents=true
+    python benchmarks/train_speed.py --model-dir /tmp/sd15-random     # write the random model once, then reuse it
+    python benchmarks/train_speed.py --end-to-end --e2e-steps 2000 --e2e-val-every 100
+    python benchmarks/train_speed.py --device cpu --resolution 64 --warmup 2 --steps 5
+
+img/s is batch / median step time over the steps after warm-up; a step is timed from the batch being on the
+device to the end of the optimizer step (Lightning's on_train_batch_start/end), "img/s+data" also counts loading
+the next batch. "first step s" runs from ``trainer.fit`` (likeness) or from the loaded models (plain) to the end
+of the first step, so it includes one-off work such as moving to the device, caching latents or compiling.
+On a CPU the run is a smoke test: SD1.5 takes seconds per step even at 64 px, and other torch processes on the
+same cores (oversubscribed OpenMP threads) can make single steps several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import itertools
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # likeness's modules are imported inside the functions below
+
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LR = 1e-4
+SNR_GAMMA = 5.0
+PROMPTS = [f"a photo of sks person, synthetic prompt {i}" for i in range(25)]  # --end-to-end validates the first 3
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch: int
+    rank: int
+    alpha: float
+    text_encoder: bool
+
+
+SETTINGS = {
+    "hw": Setting(batch=2, rank=32, alpha=16.0, text_encoder=True),
+    "unet-r4-b8": Setting(batch=8, rank=4, alpha=4.0, text_encoder=False),
+    "unet-r4-b2": Setting(batch=2, rank=4, alpha=4.0, text_encoder=False),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model_dir(folder: Path, seed: int) -> Path:
+    """Write SD1.5 with random weights in diffusers layout to ``folder`` once (reused when it is there)."""
+    if (folder / "model_index.json").exists():
+        return folder
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lightning_modules.base_model import SD15_CONFIG_DIR as CFG
+    from lightning_modules.tiny_sd import save_tiny_tokenizer
+
+    print(f"writing SD1.5 with random weights to {folder} ...", flush=True)
+    partial = folder.with_name(folder.name + ".partial")
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(CFG / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(CFG / "text_encoder")),
+        tokenizer=save_tiny_tokenizer(partial / "tokenizer", model_max_length=77),
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CFG / "unet")),
+        scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(CFG / "scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    if folder.is_dir():
+        folder.rmdir()  # an empty folder given by --model-dir; a non-empty one fails here rather than be mixed
+    partial.rename(folder)
+    return folder
+
+
+def write_photos(folder: Path, count: int, size: int, seed: int) -> Path:
+    """Smooth random RGB images (bicubic-upsampled 8x8 noise) as NNN.png beside NNN.txt captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"a photo of sks person, variation {i}\n", encoding="utf-8")
+    return folder
+
+
+def accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs that ``cls.__init__`` takes; prints a note naming the others."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    dropped = sorted(set(kwargs) - set(params))
+    if dropped:
+        print(f"note: {cls.__name__} does not accept {dropped}; dropped", flush=True)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+class StepClock(L.Callback):
+    """Step times (CUDA synchronised before each reading), gaps between step ends, and ``origin`` to first step.
+
+    Called by hand in the plain loop; as a Lightning callback it times each optimizer step of a likeness run.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.origin, self.begin = device, time.perf_counter(), 0.0
+        self.last: float | None = None
+        self.first_step_s: float | None = None
+        self.steps: list[float] = []
+        self.gaps: list[float] = []
+
+    def start(self) -> None:
+        sync(self.device)
+        self.begin = time.perf_counter()
+
+    def stop(self) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.steps.append(now - self.begin)
+        if self.last is None:
+            self.first_step_s = now - self.origin
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        self.start()
+
+    def on_train_batch_end(self, *_: Any) -> None:
+        self.stop()
+
+    def summary(self, args: argparse.Namespace, setting: str, path: str, batch: int, **extra: Any) -> dict[str, Any]:
+        """img/s from the median step after warm-up; gaps[i] runs from the end of step i to the end of step i + 1."""
+        timed, gaps = self.steps[args.warmup :], self.gaps[max(args.warmup - 1, 0) :]
+        median = statistics.median(timed) if timed else None
+        return {
+            "setting": setting,
+            "path": path,
+            "batch": batch,
+            "img_per_s": batch / median if median else None,
+            "img_per_s_with_data": batch / statistics.median(gaps) if gaps else None,
+            "median_step_s": median,
+            "steps_timed": len(timed),
+            "first_step_s": self.first_step_s,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+            "step_s": [round(t, 5) for t in self.steps],
+            **extra,
+        }
+
+
+class PromptValidation(L.Callback):
+    """Stand-in for IdentityValidation: generate the first prompts every ``every`` steps, in eval mode."""
+
+    def __init__(self, every: int, prompts: list[str]) -> None:
+        self.every, self.prompts, self.seconds, self.runs = every, prompts, 0.0, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        if trainer.global_step % self.every:
+            return
+        modes = {module: module.training for module in pl_module.modules()}
+        start = time.perf_counter()
+        pl_module.eval()
+        try:
+            pl_module.generate(self.prompts, list(range(len(self.prompts))))
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        self.seconds += time.perf_counter() - start
+        self.runs += 1
+
+
+def run_likeness(
+    args: argparse.Namespace,
+    name: str,
+    model_dir: Path,
+    photos: Path,
+    run_dir: Path,
+    max_steps: int,
+    callbacks: list[L.Callback] | None = None,
+    model_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """likeness as ``train.py fit`` runs it: LoRADiffusion + FaceDataModule + a Lightning Trainer."""
+    from datamodules.face_data_module import FaceDataModule
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    s = SETTINGS[name]
+    model_kw: dict[str, Any] = {
+        "pretrained_model_name_or_path": str(model_dir),
+        "frozen_dtype": "bfloat16" if args.precision == "bf16-mixed" else "float32",
+        "lora_rank": s.rank,
+        "lora_alpha": s.alpha,
+        "train_text_encoder": s.text_encoder,
+        "snr_gamma": SNR_GAMMA,
+        **({"text_encoder_lr": LR} if s.text_encoder else {}),
+    }
+    data_kw: dict[str, Any] = {"data_dir": str(photos), "resolution": args.resolution, "batch_size": s.batch}
+    if "cache_dir" in inspect.signature(FaceDataModule.__init__).parameters:
+        data_kw["cache_dir"] = str(run_dir / "cache")  # a fresh cache per run: its cost shows in "first step s"
+    model_kw.update(model_extra or {})
+    for key, value in args.likeness_option:
+        (model_kw if key.startswith("model.") else data_kw)[key.split(".", 1)[1]] = value
+    L.seed_everything(args.seed, verbose=False)
+    start = time.perf_counter()
+    module = LoRADiffusion(**accepted(LoRADiffusion, model_kw))
+    data = FaceDataModule(**accepted(FaceDataModule, data_kw))
+    load_s = time.perf_counter() - start
+    clock = StepClock(torch.device(args.device))
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # as train.py: FaceDataModule's sampler shards by rank itself
+        default_root_dir=str(run_dir),
+        callbacks=[clock, *(callbacks or [])],
+    )
+    clock.origin = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    total_s = time.perf_counter() - clock.origin
+    hparams = {"model": dict(module.hparams), "data": dict(data.hparams)}
+    hparams["model"].pop("optimizer", None)
+    return clock.summary(args, name, "likeness", s.batch, load_s=load_s, total_s=total_s, hparams=hparams)
+
+
+class PhotoDataset(Dataset):
+    """The example's preprocessing: short side to ``resolution`` (bicubic), center crop, [-1, 1], token ids."""
+
+    def __init__(self, folder: Path, tokenizer: Any, resolution: int) -> None:
+        self.images, self.tokenizer, self.resolution = sorted(folder.glob("*.png")), tokenizer, resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path, size = self.images[index], self.resolution
+        image = Image.open(path).convert("RGB")
+        scale = size / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        max_length = self.tokenizer.model_max_length
+        ids = self.tokenizer(caption, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return {"pixel_values": pixels, "input_ids": ids.input_ids[0]}
+
+
+def run_plain(args: argparse.Namespace, name: str, model_dir: Path, photos: Path, max_steps: int) -> dict[str, Any]:
+    """The recipe of diffusers' train_text_to_image_lora.py as a plain PyTorch loop (no accelerate, no compile)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import compute_snr
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    s, device, bf16 = SETTINGS[name], torch.device(args.device), args.precision == "bf16-mixed"
+    weight_dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    load_s = time.perf_counter() - start
+    clock = StepClock(device)  # "first step s" counts from here, as likeness's counts from trainer.fit
+    for model in (vae, text_encoder, unet):
+        model.requires_grad_(False)
+        model.to(device, dtype=weight_dtype)
+    lora = {"r": s.rank, "lora_alpha": s.alpha, "init_lora_weights": "gaussian"}
+    unet.add_adapter(LoraConfig(**lora, target_modules=UNET_TARGETS))
+    if s.text_encoder:
+        text_encoder.add_adapter(LoraConfig(**lora, target_modules=TEXT_ENCODER_TARGETS))
+    params = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    unet.train()
+    text_encoder.train(s.text_encoder)
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    loader = DataLoader(PhotoDataset(photos, tokenizer, args.resolution), batch_size=s.batch, shuffle=True)
+    # accelerate autocasts the forward of every prepared model: the UNet, and the text encoder when it trains.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for batch in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), max_steps):
+        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+        input_ids = batch["input_ids"].to(device)
+        clock.start()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        with autocast:
+            hidden = text_encoder(input_ids, return_dict=False)[0]
+            prediction = unet(noisy, t, hidden, return_dict=False)[0]
+        snr = compute_snr(scheduler, t)
+        weights = torch.clamp(snr, max=SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
+        loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        (loss * weights).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.stop()
+    total_s = time.perf_counter() - clock.origin
+    return clock.summary(args, name, "plain", s.batch, load_s=load_s, total_s=total_s)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: list[dict[str, Any]], ratios: dict[str, float | None]) -> None:
+    head = ["setting", "path", "img/s", "img/s+data", "steps", "first step s", "load s", "total s", "peak GiB", "a/b"]
+    rows = [head]
+    for r in results:
+        ratio = fmt(ratios.get(r["setting"]), ".2f") if r["path"] == "likeness" else ""
+        speeds = [fmt(r["img_per_s"], ".3f"), fmt(r["img_per_s_with_data"], ".3f"), str(r["steps_timed"])]
+        times = [fmt(r[k], ".1f") for k in ("first_step_s", "load_s", "total_s")]
+        rows.append([r["setting"], r["path"], *speeds, *times, fmt(r["peak_gpu_gib"], ".2f"), ratio])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    rows.insert(1, ["-" * w for w in widths])
+    for row in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu")
+    p.add_argument("--precision", help="Lightning precision; default bf16-mixed on cuda, 32-true on cpu")
+    p.add_argument("--settings", default="hw,unet-r4-b8", help=f"comma list of {', '.join(SETTINGS)}, or all")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--num-photos", type=int, default=64)
+    p.add_argument("--photo-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", type=Path, help="random SD1.5 folder to reuse (written there if missing)")
+    p.add_argument("--likeness-option", action="append", default=[], metavar="KEY=VALUE", help="model.X= or data.X=")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--end-to-end", action="store_true", help="one likeness hw run with validation every N steps")
+    p.add_argument("--e2e-steps", type=int, default=2000)
+    p.add_argument("--e2e-val-every", type=int, default=100)
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    args.settings = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
+    for name in args.settings:
+        if name not in SETTINGS:
+            p.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)} or all")
+    options = []
+    for item in args.likeness_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith(("model.", "data.")):
+            p.error(f"--likeness-option {item!r}: expected model.KEY=VALUE or data.KEY=VALUE")
+        options.append((key, yaml.safe_load(value)))
+    args.likeness_option = options
+    args.photo_size = max(args.photo_size, args.resolution)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision("high")  # as train.py does; it applies to both paths
+    max_steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory(prefix="likeness-speed-") as tmp:
+        work = Path(tmp)
+        model_dir = build_model_dir((args.model_dir or work / "sd15-random").resolve(), args.seed)
+        photos = write_photos(work / "photos", args.num_photos, args.photo_size, args.seed)
+        results: list[dict[str, Any]] = []
+        for name in args.settings:
+            for path in ("likeness", "plain"):
+                print(f"--- {name} / {path}", flush=True)
+                free_memory()
+                if path == "likeness":
+                    results.append(run_likeness(args, name, model_dir, photos, work / f"run-{name}", max_steps))
+                else:
+                    results.append(run_plain(args, name, model_dir, photos, max_steps))
+                free_memory()
+        e2e = None
+        if args.end_to_end:
+            print(f"--- end-to-end: hw, {args.e2e_steps} steps, 3 prompts every {args.e2e_val_every} steps", flush=True)
+            validation = PromptValidation(args.e2e_val_every, PROMPTS[:3])
+            extra = {"image_size": args.resolution}
+            e2e = run_likeness(args, "hw", model_dir, photos, work / "run-e2e", args.e2e_steps, [validation], extra)
+            e2e.update(validation_runs=validation.runs, validation_s=validation.seconds)
+            free_memory()
+    by_key = {(r["setting"], r["path"]): r["img_per_s"] for r in results}
+    ratios: dict[str, float | None] = {}
+    for name in args.settings:
+        a, b = by_key.get((name, "likeness")), by_key.get((name, "plain"))
+        ratios[name] = a / b if a and b else None
+    report = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "resolution": args.resolution,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "num_photos": args.num_photos,
+        "likeness_options": dict(args.likeness_option),
+        "results": results,
+        "ratio_likeness_over_plain": ratios,
+        "end_to_end": e2e,
+    }
+    print(f"\ndevice: {report['device']}  torch {report['torch']}  precision {args.precision}  ", end="")
+    print(f"resolution {args.resolution}  warm-up {args.warmup} + timed {args.steps} steps")
+    print_table(results, ratios)
+    if e2e is not None:
+        print(f"end-to-end (likeness hw, {args.e2e_steps} steps): total {e2e['total_s']:.1f} s, ", end="")
+        print(f"{e2e['validation_runs']} validations took {e2e['validation_s']:.1f} s")
+    text = json.dumps(report, default=str)
+    print(f"JSON: {text}")
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
