@@ -16,14 +16,18 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
+from callbacks.non_finite_guard import NonFiniteGuard
 from datamodules.face_data_module import FaceDataModule
+from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
 
 # Settings that decide which tensors the LoRA has or what they mean: a checkpoint trained with other values
@@ -72,6 +76,7 @@ class LikenessCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
         parser.add_lightning_class_args(IdentityValidation, "validation")
         parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")
@@ -92,6 +97,11 @@ class LikenessCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} is not a likeness checkpoint ({type(err).__name__}). Give a .ckpt file "
                 "from a run's checkpoints/ folder (exported LoRA .safetensors files cannot be resumed)."
             ) from None
+        check_finite(
+            checkpoint.get("state_dict", {}),
+            f"--ckpt_path {ckpt_path}",
+            "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
+        )
         conflicts, changes = [], []
         for section, saved in (
             ("model", checkpoint.get("hyper_parameters", {})),
@@ -118,6 +128,12 @@ class LikenessCLI(LightningCLI):
                 "Settings differ from the checkpoint; the config's values apply from the resumed step on:\n  "
                 + "\n  ".join(changes)
             )
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a checkpoint_io the user chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def main(args: list[str] | None = None) -> LikenessCLI:
@@ -151,6 +167,7 @@ def main(args: list[str] | None = None) -> LikenessCLI:
         BaseModelError,
         FaceModelError,
         ClipModelError,
+        CheckpointWriteError,
         FileNotFoundError,
         ValueError,
         KeyError,

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from callbacks.lora_export import DEFAULT_NAME, configured_learning_rate, native_resolution, training_settings
+from lightning_modules.finite import check_finite
 from lightning_modules.lora_formats import export_lora
 
 # LoRADiffusion checkpoints hold only the LoRA tensors on purpose; Lightning's warning listing every frozen
@@ -54,6 +55,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a likeness checkpoint (no LoRADiffusion hyperparameters and LoRA state dict). "
             "Pass a .ckpt from the checkpoints folder of a train.py run."
         )
+    check_finite(checkpoint["state_dict"], str(path), "Nothing was exported: use an earlier checkpoint of the run.")
     return checkpoint
 
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,18 +59,22 @@ def _checksum(mean: torch.Tensor, std: torch.Tensor) -> str:
     return hashlib.sha256(mean.numpy().tobytes() + std.numpy().tobytes()).hexdigest()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``."""
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``.
+
+    Same folder, so the rename is atomic (no copy across filesystems); on any error the temporary file is removed
+    and an existing ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
-        with os.fdopen(fd, "wb") as file:
+        with open(partial, "xb") as file:  # the usual permissions (umask), unlike mkstemp's 0600
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
     except BaseException:
-        Path(partial).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
 
 

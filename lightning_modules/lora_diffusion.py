@@ -19,6 +19,7 @@ from PIL import Image
 
 from lightning_modules.base_model import load_base_model
 from lightning_modules.diffusion_loss import diffusion_loss, sample_latents
+from lightning_modules.finite import check_finite
 from lightning_modules.generation import BatchedGeneration
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -334,6 +335,11 @@ class LoRADiffusion(L.LightningModule):
                 "It was probably trained with other LoRA settings (rank, target modules, train_text_encoder): "
                 "use the config it was trained with."
             )
+        check_finite(
+            checkpoint["state_dict"],
+            "The checkpoint",
+            "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
+        )
         # The frozen weights come from the base model just loaded: complete the state dict with them, so that
         # Lightning's strict load checks every other key.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

@@ -31,6 +31,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from lightning_modules.finite import check_finite
 from lightning_modules.lora_model_card import write_model_card
 
 __all__ = [
@@ -296,6 +297,14 @@ def export_lora(
     captions = list(captions)
     settings = dict(settings or {})
     te = text_encoder if has_lora(text_encoder, adapter_name) else None
+    lora_tensors = {
+        f"{part}.{name}": param
+        for part, model in (("unet", unet), ("text_encoder", te))
+        if model is not None
+        for name, param in model.named_parameters()
+        if ".lora_" in name
+    }
+    check_finite(lora_tensors, f"The LoRA to export to {folder}", "Nothing was written; export an earlier checkpoint.")
     diffusers_file = save_diffusers_lora(folder, unet, te, adapter_name=adapter_name)
     kohya_file = save_kohya_lora(
         folder / f"{name}.safetensors",

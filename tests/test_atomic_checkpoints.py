@@ -1,0 +1,64 @@
+"""Checkpoints are whole or absent: a full disk or an interrupted write never tears a file written earlier."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+import datamodules.latent_cache as latent_cache
+from datamodules.latent_cache import write_atomically
+from train import main
+
+QUIET = ["--validation.baseline=false", "--validation.every_n_steps=0", "--validation.at_end=false"]
+
+
+class FailingFile:
+    """A real file whose write stores half of the data, then raises ``error`` (a full disk, a kill)."""
+
+    def __init__(self, file, error: BaseException) -> None:
+        self.file, self.error = file, error
+
+    def write(self, data) -> None:
+        self.file.write(bytes(data)[: len(data) // 2])
+        raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def fail_writes(monkeypatch, when: str, error: BaseException) -> None:
+    def fake_open(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by FailingFile
+        return FailingFile(file, error) if when in Path(path).name else file
+
+    monkeypatch.setattr(latent_cache, "open", fake_open, raising=False)
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    write_atomically(target, b"good old checkpoint")
+    fail_writes(monkeypatch, "last.ckpt", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, b"x" * 1000)
+    assert target.read_bytes() == b"good old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_full_disk_stops_with_a_message_and_keeps_earlier_checkpoints(demo_cli, tmp_path, monkeypatch, capsys):
+    fail_writes(monkeypatch, "step000004", OSError(errno.ENOSPC, "No space left on device"))
+    args = [*QUIET, "--trainer.max_steps=6", "--checkpoint.every_n_train_steps=2", "--export.on_checkpoint=false"]
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *args))
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    folder = next(tmp_path.rglob("checkpoints"))
+    assert "No space left on device" in err and str(folder) in err and "Traceback" not in err
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["last.ckpt", "step000002.ckpt"]
+    for name in ("last.ckpt", "step000002.ckpt"):
+        assert torch.load(folder / name, weights_only=True)["global_step"] == 2
