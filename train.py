@@ -1,7 +1,7 @@
 """likeness: train a face LoRA for Stable Diffusion 1.x and watch identity metrics while it trains.
 
 python train.py fit --config configs/brad.yaml
-python train.py fit --config configs/brad.yaml --ckpt_path last        # resume
+python train.py fit --config configs/brad.yaml --ckpt_path last        # resume the newest run
 python train.py test --config configs/brad.yaml --ckpt_path CKPT
 python train.py --help
 """
@@ -26,6 +26,7 @@ from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
+from callbacks.run_folders import resolve_checkpoint
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
@@ -54,6 +55,13 @@ def _plain(value: Any) -> Any:
 
 def _class_path(value: Any) -> Any:
     return _plain(value).get("class_path") if isinstance(_plain(value), dict) else value
+
+
+def _runs_folder(trainer_config: Any) -> Path:
+    """``<save_dir>/<name>`` of the configured logger (where the run folders ``version_N`` are)."""
+    logger = _plain(trainer_config.get("logger"))
+    init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
+    return Path(init.get("save_dir") or "logs") / str(init.get("name") or "likeness")
 
 
 class LikenessCLI(LightningCLI):
@@ -88,8 +96,10 @@ class LikenessCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path:
             return
+        ckpt_path = str(resolve_checkpoint(str(ckpt_path), _runs_folder(self.config[subcommand]["trainer"])))
+        self.config[subcommand]["ckpt_path"] = ckpt_path
         try:
             checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message

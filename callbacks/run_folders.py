@@ -16,3 +16,40 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     """The ModelCheckpoint's folder, else ``<log dir>/checkpoints``."""
     dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
     return Path(dirpath) if dirpath else log_dir(trainer) / "checkpoints"
+
+
+def resolve_checkpoint(ckpt_path: str, runs_folder: Path) -> Path:
+    """The checkpoint file that ``--ckpt_path`` means, or a ``ValueError`` that says what to give instead.
+
+    ``last``: the newest ``last.ckpt`` of the runs in ``runs_folder`` (``logs/<name>``); a folder: its ``last.ckpt``
+    (or its ``checkpoints/last.ckpt``); a URL is refused: a checkpoint is a pickle, and one from the network could
+    run code while it loads.
+    """
+    if "://" in ckpt_path:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: checkpoints are not loaded from URLs (a checkpoint is a pickle; one from the "
+            "network could run code as it loads). Download it, check where it comes from, and give the local file."
+        )
+    if ckpt_path == "last":
+        found = sorted(runs_folder.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ValueError(
+                f"--ckpt_path last: no run in {runs_folder} has a checkpoints/last.ckpt. Give the checkpoint file's "
+                "path, e.g. logs/<name>/version_0/checkpoints/last.ckpt."
+            )
+        return found[-1]
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "last.ckpt", path / "checkpoints" / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = ", ".join(sorted(p.name for p in path.rglob("*.ckpt"))[:5]) or "none"
+        raise ValueError(f"--ckpt_path {path} is a folder without last.ckpt; give one .ckpt file (found: {found}).")
+    if not path.is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file. Give a .ckpt from a run's checkpoints/ folder.")
+    if path.suffix == ".safetensors":
+        raise ValueError(
+            f"--ckpt_path {path} is a LoRA file: it holds the weights but not the optimizer, schedule and data "
+            "position a resume needs. Give a .ckpt from the run's checkpoints/ folder."
+        )
+    return path
