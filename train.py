@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
+from callbacks.interrupt_checkpoint import InterruptCheckpoint
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.run_folders import resolve_checkpoint
@@ -85,6 +86,7 @@ class LikenessCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.add_lightning_class_args(IdentityValidation, "validation")
         parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")

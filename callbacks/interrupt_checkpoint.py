@@ -1,0 +1,64 @@
+"""SIGTERM (Colab, Slurm, ``docker stop``) and Ctrl+C save a checkpoint at the current step and exit non-zero.
+
+Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the running batch, when weights, optimizer and
+loop counters agree, and then exits with status 0 having saved nothing (issue #8). This callback treats the first
+Ctrl+C the same way (a second one stops at once), writes ``last.ckpt`` at that point, says where it is, and makes
+the exit status ``128 + signal`` as shells report it.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from callbacks.run_folders import checkpoint_dir
+
+
+class InterruptCheckpoint(L.Callback):
+    """On SIGTERM or Ctrl+C: finish the step, save ``<checkpoint dir>/last.ckpt``, exit with ``128 + signal``."""
+
+    def __init__(self) -> None:
+        self._signal: int | None = None
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signal = None
+        try:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._sigint(trainer))
+        except ValueError:  # not the main thread: leave Ctrl+C to Lightning
+            self._previous_sigint = None
+
+    def _sigint(self, trainer: L.Trainer):
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+            self._signal = signum
+            rank_zero_info("\nCtrl+C: a checkpoint is saved when this step ends (press Ctrl+C again to stop at once).")
+            trainer._signal_connector.received_sigterm = True  # Lightning's own stop-after-this-batch path
+
+        return handler
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return
+        signum = self._signal or signal.SIGTERM
+        path = checkpoint_dir(trainer) / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        rank_zero_info(
+            f"Stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint saved: {path}\n"
+            f"Resume with: --ckpt_path {path}"
+        )
+        exception.code = 128 + signum
