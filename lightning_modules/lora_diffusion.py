@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -21,6 +19,7 @@ from lightning_modules.base_model import load_base_model
 from lightning_modules.diffusion_loss import diffusion_loss, sample_latents
 from lightning_modules.finite import check_finite
 from lightning_modules.generation import BatchedGeneration
+from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -29,22 +28,6 @@ LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 
 def adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)
-
-
-def fused_adam(optimizer: torch.optim.Optimizer, devices: tuple[str, ...] = ("cuda",)) -> torch.optim.Optimizer:
-    """Adam/AdamW rebuilt with torch's fused kernel (one launch updates every LoRA tensor) when all parameters are
-    on ``devices`` and the config chose no implementation (``fused``/``foreach``); any other optimizer as it is."""
-    defaults = optimizer.defaults
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or defaults.get("differentiable"):
-        return optimizer
-    if defaults.get("fused") is not None or defaults.get("foreach") is not None:
-        return optimizer
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not params or any(p.device.type not in devices or not p.dtype.is_floating_point for p in params):
-        return optimizer
-    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold more than it takes
-    groups = [{**group, "fused": True} for group in optimizer.param_groups]
-    return type(optimizer)(groups, **{k: v for k, v in defaults.items() if k in accepted} | {"fused": True})
 
 
 class LoRADiffusion(L.LightningModule):
@@ -257,27 +240,8 @@ class LoRADiffusion(L.LightningModule):
         with self._forward_context():
             return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
 
-    @contextmanager
-    def _lora_inputs_under_autocast(self) -> Iterator[None]:
-        """Under autocast, keep peft from casting every LoRA layer's input to the float32 LoRA weights' dtype.
-
-        peft casts x to float32 before ``lora_A``, and autocast casts it straight back to bfloat16 for the matmul:
-        two activation-sized copies per LoRA layer forward and two more backward, most of the ~2,400 copy
-        kernels per step that issue #9's profile found. The result is bit-identical (bf16 -> fp32 -> bf16 is
-        exact). The LoRA weights themselves stay float32 master weights, which AdamW updates without bf16
-        underflow; autocast casts each once per forward (its weight cache), a few hundred tiny copies.
-        Outside autocast (generation with bf16 frozen weights) peft's cast is needed and stays on.
-        """
-        if not torch.is_autocast_enabled(self.device.type):
-            yield
-            return
-        for layer in self._lora_layers:
-            layer.cast_input_dtype_enabled = False
-        try:
-            yield
-        finally:
-            for layer in self._lora_layers:
-                layer.cast_input_dtype_enabled = True
+    def _lora_inputs_under_autocast(self):
+        return lora_inputs_uncast(self._lora_layers, self.device.type)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only, one group per model (the text encoder may have its own lr)."""

@@ -187,7 +187,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sd, tiny_tok
 
 
 def test_fused_adam_where_the_config_chose_no_implementation():
-    from lightning_modules.lora_diffusion import fused_adam
+    from lightning_modules.mixed_precision import fused_adam
 
     def groups(seed: int) -> list[dict]:
         g = torch.Generator().manual_seed(seed)
