@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -180,6 +181,7 @@ def main(args: list[str] | None = None) -> LikenessCLI:
         FaceModelError,
         ClipModelError,
         CheckpointWriteError,
+        MisconfigurationException,
         FileNotFoundError,
         ValueError,
         KeyError,

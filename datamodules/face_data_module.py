@@ -34,7 +34,22 @@ def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"{setting}: prompt file {path} is not UTF-8 text ({err}).") from None
-    return [line.strip() for line in lines if line.strip()]
+    found = [line.strip().lstrip("\ufeff") for line in lines if line.strip().lstrip("\ufeff")]
+    if not found:
+        raise ValueError(
+            f"{setting}: prompt file {path} has no prompts. Write one prompt per line, or set {setting}: null."
+        )
+    return found
+
+
+def _check_settings(resolution: int, batch_size: int, images_per_prompt: int) -> None:
+    """Settings that would fail at step 1 (or train on nothing) fail now, naming the setting."""
+    if resolution < 8 or resolution % 8:
+        raise ValueError(f"data.resolution {resolution}: give a positive multiple of 8 (SD1.5 was trained at 512).")
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size {batch_size}: give 1 or more.")
+    if images_per_prompt < 1:
+        raise ValueError(f"data.images_per_prompt {images_per_prompt}: give 1 or more.")
 
 
 class FaceDataModule(L.LightningDataModule):
@@ -85,6 +100,11 @@ class FaceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_settings(resolution=resolution, batch_size=batch_size, images_per_prompt=images_per_prompt)
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers {num_workers}: give 0 or more, or null for automatic.")
+        if validation_batch_size is not None and validation_batch_size < 1:
+            raise ValueError(f"data.validation_batch_size {validation_batch_size}: give 1 or more, or null for all.")
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.pairs: list[Pair] = []
         self.train_dataset: ImageCaptionDataset | None = None

@@ -14,6 +14,9 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_SUFFIX = ".txt"
+# Image files people have that the training loader does not take: named as such, not as "caption without an image".
+OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl")
+MIN_SIDE = 16  # a photo this small, upscaled to the training resolution, teaches blur
 
 
 class DataFolderError(ValueError):
@@ -35,6 +38,7 @@ class FolderScan:
     images_without_caption: list[Path] = field(default_factory=list)
     captions_without_image: list[Path] = field(default_factory=list)
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
+    subfolder_images: int = 0  # photos in sub-folders, which are not read
 
     @property
     def problems(self) -> list[str]:
@@ -49,7 +53,7 @@ class FolderScan:
 
 def _read_caption(path: Path) -> tuple[str | None, str]:
     try:
-        text = path.read_bytes().decode("utf-8").strip()
+        text = path.read_bytes().decode("utf-8-sig").strip()  # -sig: a BOM (Windows editors) is not a caption token
     except UnicodeDecodeError:
         return None, "caption is not UTF-8 text"
     except OSError as err:
@@ -63,8 +67,13 @@ def _check_image(path: Path) -> str:
     try:
         with Image.open(path) as image:
             image.load()  # verify() misses truncated files; a full decode does not
+            size = image.size
+    except Image.DecompressionBombError as err:
+        return f"image is too large to open safely ({err}); shrink it"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"image cannot be read ({type(err).__name__}: {err})"
+    if min(size) < MIN_SIDE:
+        return f"image is only {size[0]}x{size[1]} pixels (at least {MIN_SIDE} on each side)"
     return ""
 
 
@@ -77,17 +86,29 @@ def scan_folder(folder: str | Path) -> FolderScan:
             f"Training data folder {folder} does not exist or is not a folder. "
             "Set data.data_dir to a folder of NAME.jpg|.png|.webp photos, each beside a NAME.txt caption."
         )
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     images: dict[str, Path] = {}
     captions: dict[str, Path] = {}
-    for path in files:
+    others: set[str] = set()
+    for path in entries:
         suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if path.is_symlink() and not path.exists():
+            scan.bad_files.append((path, "broken symbolic link"))
+            others.add(path.stem)
+        elif not path.is_file():
+            scan.subfolder_images += sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif suffix in IMAGE_SUFFIXES:
             if path.stem in images:
                 scan.bad_files.append((path, f"a second image for caption {path.stem}.txt"))
                 continue
             images[path.stem] = path
+        elif suffix in OTHER_IMAGE_SUFFIXES:
+            scan.bad_files.append((path, f"{suffix} images are not read: convert it to .jpg or .png"))
+            others.add(path.stem)
         elif suffix == CAPTION_SUFFIX:
+            if path.stem in captions:
+                scan.bad_files.append((path, f"a second caption for {path.stem} ({captions[path.stem].name})"))
+                continue
             captions[path.stem] = path
     for stem, image in images.items():
         if stem not in captions:
@@ -102,15 +123,21 @@ def scan_folder(folder: str | Path) -> FolderScan:
             scan.bad_files.append((image, why))
             continue
         scan.pairs.append(Pair(image, caption))
-    scan.captions_without_image = [p for stem, p in captions.items() if stem not in images]
+    scan.captions_without_image = [p for stem, p in captions.items() if stem not in images and stem not in others]
     return scan
 
 
 def load_pairs(folder: str | Path, skip_bad_files: bool = False) -> list[Pair]:
     """The usable pairs of ``folder``; raise one error listing every problem unless ``skip_bad_files``."""
     scan = scan_folder(folder)
+    subfolders = (
+        f"{scan.subfolder_images} photo(s) are in sub-folders of {scan.folder}, which are not read: move them up."
+        if scan.subfolder_images
+        else ""
+    )
     if not scan.pairs:
         detail = f"\n{scan.report()}" if scan.problems else ""
+        detail += f"\n{subfolders}" if subfolders else ""
         raise DataFolderError(
             f"Training data folder {scan.folder} has no usable image-caption pair{detail}\n"
             f"Put photos ({', '.join(IMAGE_SUFFIXES)}) there, each beside a caption file with the same name "
@@ -124,4 +151,6 @@ def load_pairs(folder: str | Path, skip_bad_files: bool = False) -> list[Pair]:
         )
     if scan.problems:
         rank_zero_warn(f"Skipping {len(scan.problems)} file(s) in {scan.folder}:\n{scan.report()}")
+    if subfolders:
+        rank_zero_warn(subfolders)
     return scan.pairs

@@ -104,6 +104,18 @@ class LoRADiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for setting, value in (
+            ("lora_rank", lora_rank),
+            ("lora_alpha", lora_alpha),
+            ("text_encoder_lr", text_encoder_lr),
+        ):
+            if value is not None and not value > 0:  # `not >` also catches NaN
+                raise ValueError(f"model.{setting} {value}: give a positive number.")
+        if not 0 <= lora_dropout < 1 or num_inference_steps < 1 or lr_warmup_steps < 0:
+            raise ValueError(
+                "model.lora_dropout must lie in [0, 1), model.num_inference_steps be 1 or more and "
+                f"model.lr_warmup_steps 0 or more (given {lora_dropout}, {num_inference_steps}, {lr_warmup_steps})."
+            )
         if callable(self.hparams.get("optimizer")):
             # Built in Python: a function cannot go into a weights_only checkpoint. (LightningCLI saves the
             # optimizer as its class_path dict, which stays.)

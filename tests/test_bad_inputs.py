@@ -1,0 +1,211 @@
+"""A careless or unlucky user's inputs, each built here: one clear message naming the file or setting, exit code 2,
+no traceback, and nothing trained or written (issue #8's corpus)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from train import main
+
+
+def first_stem(photos: Path) -> str:
+    return sorted(p.stem for p in photos.glob("*.txt"))[0]
+
+
+def image_of(photos: Path, stem: str) -> Path:
+    return next(p for p in photos.iterdir() if p.stem == stem and p.suffix != ".txt")
+
+
+def drop_caption(photos: Path) -> str:
+    (photos / f"{first_stem(photos)}.txt").unlink()
+    return "image without a caption file"
+
+
+def drop_image(photos: Path) -> str:
+    image_of(photos, first_stem(photos)).unlink()
+    return "caption without an image"
+
+
+def write_caption(data: bytes, expected: str) -> Callable[[Path], str]:
+    def make(photos: Path) -> str:
+        (photos / f"{first_stem(photos)}.txt").write_bytes(data)
+        return expected
+
+    return make
+
+
+def write_image(make_image: Callable[[Path], None], expected: str) -> Callable[[Path], str]:
+    def make(photos: Path) -> str:
+        stem = first_stem(photos)
+        image_of(photos, stem).unlink()
+        make_image(photos / stem)
+        return expected
+
+    return make
+
+
+def truncated(stem: Path) -> None:
+    data = Path(stem.with_suffix(".jpg"))
+    Image.new("RGB", (300, 300), "red").save(data)
+    data.write_bytes(data.read_bytes()[:400])
+
+
+def as_format(suffix: str) -> Callable[[Path], None]:
+    return lambda stem: Image.new("RGB", (64, 64), "red").save(stem.with_suffix(suffix))
+
+
+def dangling_link(stem: Path) -> None:
+    os.symlink(stem.parent / "nowhere.jpg", stem.with_suffix(".jpg"))
+
+
+def second_caption(photos: Path) -> str:
+    stem = first_stem(photos)
+    shutil.copy(photos / f"{stem}.txt", photos / f"{stem}.TXT")
+    return "a second caption"
+
+
+def second_image(photos: Path) -> str:
+    stem = first_stem(photos)
+    Image.new("RGB", (64, 64)).save(photos / f"{stem}.webp")
+    return "a second image"
+
+
+def into_subfolder(photos: Path) -> str:
+    (photos / "sub").mkdir()
+    for path in list(photos.iterdir()):
+        if path.is_file():
+            path.rename(photos / "sub" / path.name)
+    return "sub-folders .* not read"
+
+
+def empty_folder(photos: Path) -> str:
+    for path in photos.iterdir():
+        path.unlink()
+    return "no usable image-caption pair"
+
+
+def missing_folder(photos: Path) -> str:
+    shutil.rmtree(photos)
+    return "does not exist or is not a folder"
+
+
+def bomb(photos: Path) -> str:
+    Image.MAX_IMAGE_PIXELS = 100  # every photo is now over twice the limit; restored by the test
+    return "too large to open safely"
+
+
+DATA = {
+    "missing caption": drop_caption,
+    "missing image": drop_image,
+    "empty caption": write_caption(b"  \n", "caption is empty"),
+    "caption not UTF-8": write_caption(b"caf\xe9 au lait", "not UTF-8"),
+    "empty image file": write_image(lambda s: s.with_suffix(".jpg").write_bytes(b""), "image file is empty"),
+    "truncated JPEG": write_image(truncated, "image cannot be read"),
+    "text named .png": write_image(lambda s: s.with_suffix(".png").write_text("hello"), "image cannot be read"),
+    "1x1 photo": write_image(lambda s: Image.new("RGB", (1, 1)).save(s.with_suffix(".png")), "only 1x1 pixels"),
+    "GIF": write_image(as_format(".gif"), r"\.gif images are not read"),
+    "BMP": write_image(as_format(".bmp"), r"\.bmp images are not read"),
+    "TIFF": write_image(as_format(".tiff"), r"\.tiff images are not read"),
+    "dangling symlink": write_image(dangling_link, "broken symbolic link"),
+    "x.txt and x.TXT": second_caption,
+    "x.jpg and x.webp": second_image,
+    "photos in a sub-folder": into_subfolder,
+    "empty folder": empty_folder,
+    "missing folder": missing_folder,
+    "decompression bomb": bomb,
+}
+
+
+def prompts_file(content: bytes | None, expected: str) -> Callable[[Path], tuple[list[str], str]]:
+    def make(tmp: Path) -> tuple[list[str], str]:
+        path = tmp / "prompts.txt"
+        if content is not None:
+            path.write_bytes(content)
+        return [f"--data.validation_prompts={path}"], expected
+
+    return make
+
+
+def setting(arg: str, expected: str) -> Callable[[Path], tuple[list[str], str]]:
+    return lambda tmp: ([arg], expected)
+
+
+def lora_file(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "x.safetensors").write_bytes(b"{}")
+    return [f"--ckpt_path={tmp / 'x.safetensors'}"], "is a LoRA file"
+
+
+SETTINGS = {
+    "resolution 0": setting("--data.resolution=0", "data.resolution 0"),
+    "resolution 100": setting("--data.resolution=100", "data.resolution 100: give a positive multiple of 8"),
+    "batch size 0": setting("--data.batch_size=0", "data.batch_size 0"),
+    "negative workers": setting("--data.num_workers=-1", "data.num_workers -1"),
+    "0 images per prompt": setting("--data.images_per_prompt=0", "data.images_per_prompt 0"),
+    "negative text-encoder lr": setting("--model.text_encoder_lr=-1e-4", "model.text_encoder_lr -0.0001"),
+    "rank 0": setting("--model.lora_rank=0", "model.lora_rank 0"),
+    "dropout 1.5": setting("--model.lora_dropout=1.5", "model.lora_dropout must lie in"),
+    "0 sampling steps": setting("--model.num_inference_steps=0", "num_inference_steps be 1 or more"),
+    "missing base model": setting("--model.pretrained_model_name_or_path=/no/such/model", "/no/such/model"),
+    "empty prompt file": prompts_file(b"\n  \n", "has no prompts"),
+    "missing prompt file": prompts_file(None, "prompt file .* does not exist"),
+    "prompt file not UTF-8": prompts_file(b"caf\xe9\n", "not UTF-8"),
+    "checkpoint URL": setting("--ckpt_path=http://example.com/x.ckpt", "not loaded from URLs"),
+    "LoRA file as checkpoint": lora_file,
+    "missing checkpoint": setting("--ckpt_path=/no/such.ckpt", "no such file"),
+}
+
+
+def run_bad(demo_cli, tmp_path, capsys, args: list[str], photos: Path | None = None) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path / "logs", "--validation.baseline=false", *args, photos=photos))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    logs = tmp_path / "logs"
+    assert not list(logs.rglob("*.ckpt")) and not list(logs.rglob("*.safetensors"))  # nothing trained
+    return err
+
+
+@pytest.mark.parametrize("case", list(DATA))
+def test_bad_data_folder(demo_cli, demo_photos, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    photos = Path(shutil.copytree(demo_photos, tmp_path / "photos"))
+    expected = DATA[case](photos)
+    err = run_bad(demo_cli, tmp_path, capsys, [], photos=photos)
+    assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_bad_setting(demo_cli, tmp_path, capsys, case):
+    args, expected = SETTINGS[case](tmp_path)
+    err = run_bad(demo_cli, tmp_path, capsys, args)
+    assert re.search(expected, err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_accelerator_without_a_gpu(demo_cli, tmp_path, capsys):
+    err = run_bad(demo_cli, tmp_path, capsys, ["--trainer.accelerator=gpu"])
+    assert "GPU" in err or "gpu" in err
+
+
+def test_bad_files_can_be_skipped_and_bom_is_not_a_token(demo_cli, demo_photos, tmp_path):
+    photos = Path(shutil.copytree(demo_photos, tmp_path / "photos"))
+    stem = first_stem(photos)
+    (photos / f"{stem}.txt").write_bytes(b"\xef\xbb\xbfa photo of eileen")
+    Image.new("RGB", (1, 1)).save(photos / "tiny.png")
+    (photos / "tiny.txt").write_text("tiny")
+    args = ["--validation.every_n_steps=0", "--validation.at_end=false", "--validation.baseline=false"]
+    with pytest.warns(UserWarning, match="only 1x1 pixels"):
+        cli = main(
+            demo_cli("fit", tmp_path, *args, "--trainer.max_steps=1", "--data.skip_bad_files=true", photos=photos)
+        )
+    captions = {pair.image.stem: pair.caption for pair in cli.datamodule.pairs}
+    assert "tiny" not in captions and captions[stem] == "a photo of eileen"
