@@ -150,7 +150,7 @@ def test_missing_face_model_fails_at_start_up(demo_cli, tmp_path, capsys, monkey
 
 
 def test_a_file_that_is_no_checkpoint_is_one_clear_error(demo_cli, tmp_path, capsys):
-    fake = tmp_path / "likeness_lora.safetensors"
+    fake = tmp_path / "junk.ckpt"  # (an exported LoRA file has its own message: tests/test_ckpt_path.py)
     fake.write_bytes(b"\x00" * 64)
     with pytest.raises(SystemExit) as info:
         main(demo_cli("fit", tmp_path, f"--ckpt_path={fake}"))
