@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from PIL import Image
 
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
 from datamodules.folder_scan import load_pairs
+from datamodules.image_caption_dataset import load_rgb
 from datamodules.latent_cache import default_cache_dir
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
@@ -103,7 +103,7 @@ class IdentityValidation(L.Callback):
     @rank_zero_only
     def _log_reference(self, trainer: L.Trainer) -> None:
         # The training photos scored like generated ones: the best a run can hope for on this data set.
-        images = [Image.open(pair.image).convert("RGB") for pair in self._pairs]
+        images = [load_rgb(pair.image) for pair in self._pairs]  # upright, 8-bit RGB: as training sees them
         scores = self.scorer.score(images, [pair.caption for pair in self._pairs])
         self._log(trainer, scores.as_metrics("reference"), 0)
         rank_zero_info(f"Training photos against themselves: {_summary(scores)}")

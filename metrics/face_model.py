@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datamodules.image_caption_dataset import load_rgb
+
 # deepface picks its engine once, at first use; pytorch keeps TensorFlow out of the process.
 _ENGINE_ENV = "DEEPFACE_BACKEND_ENGINE"
 _HOME_ENV = "DEEPFACE_HOME"
@@ -31,6 +33,17 @@ _BUNDLED_WEIGHTS = {
     ("face_detector", "dlib"): "shape_predictor_5_face_landmarks.dat",
 }
 _COMPRESSED_SUFFIXES = (".bz2", ".zip")
+# Largest image side the face detector sees: a 144-megapixel photo took 11.6 GB in the detector (issue #8); a face
+# that matters for identity is still hundreds of pixels wide at this size.
+MAX_DETECTOR_SIDE = 2048
+
+
+def _fit_for_detector(image: Image.Image) -> Image.Image:
+    if max(image.size) <= MAX_DETECTOR_SIDE:
+        return image
+    scale = MAX_DETECTOR_SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 class FaceModelError(RuntimeError):
@@ -201,10 +214,13 @@ class FaceModel:
         """First face's embedding of each image, or ``None`` where no face was found (HW rule)."""
         out: list[np.ndarray | None] = []
         for image in images:
-            # deepface wants OpenCV's BGR uint8 layout, as the HW's cv2.cvtColor(..., COLOR_RGB2BGR) made.
-            bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-            out.append(self._represent(bgr)[0])
+            out.append(self._represent_image(image)[0])
         return out
+
+    def _represent_image(self, image: Image.Image) -> tuple[np.ndarray | None, np.ndarray]:
+        # deepface wants OpenCV's BGR uint8 layout, as the HW's cv2.cvtColor(..., COLOR_RGB2BGR) made.
+        rgb = np.asarray(_fit_for_detector(image.convert("RGB")))
+        return self._represent(np.ascontiguousarray(rgb[:, :, ::-1]))
 
     def embed_files(self, paths: Sequence[str | Path], include_faceless: bool = False) -> list[np.ndarray | None]:
         """Embed image files the way the HW embedded its training set (deepface reads them with OpenCV).
@@ -218,6 +234,11 @@ class FaceModel:
         for path in paths:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"FaceModel.embed_files: no image file at {path}.")
-            embedding, raw = self._represent(str(path))
+            with Image.open(path) as opened:  # reads the header only
+                huge = max(opened.size) > MAX_DETECTOR_SIDE
+            if huge:  # shrunk first (upright, 8-bit RGB as training sees it); others as the HW read them
+                embedding, raw = self._represent_image(load_rgb(path))
+            else:
+                embedding, raw = self._represent(str(path))
             out.append(raw if include_faceless and raw.size else embedding)
         return out

@@ -178,3 +178,28 @@ def test_reference_embeddings_with_real_model(face_model: FaceModel, tmp_path: P
     np.testing.assert_allclose(refs.compute(files), direct[None], atol=1e-6)
     with_faceless = ReferenceEmbeddings(face_model, tmp_path / "cache", include_faceless=True).compute(files)
     assert with_faceless.shape == (2, 128)  # the HW's way: the blank image's whole-image embedding too
+
+
+def test_huge_photos_reach_the_detector_shrunk_and_keep_their_identity(face_model: FaceModel, tmp_path, monkeypatch):
+    from metrics.face_model import MAX_DETECTOR_SIDE
+
+    photo = Image.fromarray(data.astronaut())  # 512 x 512
+    huge = photo.resize((4608, 4608), Image.Resampling.BICUBIC)  # 21 megapixels
+    huge.save(tmp_path / "huge.png")
+    photo.save(tmp_path / "small.png")
+    direct = _unit(face_model.embed([photo])[0])
+    # Still the same person after shrinking: far closer than the 0.45+ of other people (README's separation).
+    assert np.linalg.norm(_unit(face_model.embed([huge])[0]) - direct) < 0.2
+    assert np.linalg.norm(_unit(face_model.embed_files([tmp_path / "huge.png"])[0]) - direct) < 0.2
+    seen = []
+    original = FaceModel._represent
+
+    def record(self, image):
+        seen.append(image if isinstance(image, str) else image.shape)
+        return original(self, image)
+
+    monkeypatch.setattr(FaceModel, "_represent", record)
+    face_model.embed([huge])
+    face_model.embed_files([tmp_path / "huge.png", tmp_path / "small.png"])
+    assert seen[0] == seen[1] == (MAX_DETECTOR_SIDE, MAX_DETECTOR_SIDE, 3)
+    assert seen[2] == str(tmp_path / "small.png")  # ordinary photos are read as the HW read them

@@ -201,3 +201,29 @@ GREY_LEVELS = 2  # rounding across batch shapes, CPUs and thread counts (issue #
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_reference_scores_see_photos_as_training_does(demo_photos, tmp_path, monkeypatch):
+    """EXIF-rotated and 16-bit photos reach the reference scores upright and scaled, as the training loader has them."""
+    from types import SimpleNamespace
+
+    from callbacks.identity_validation import IdentityValidation
+    from datamodules.folder_scan import Pair
+    from datamodules.image_caption_dataset import load_rgb
+
+    tall = Image.new("RGB", (40, 80), "red")
+    tall.paste((0, 0, 255), (0, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    tall.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(tmp_path / "deep.png")
+    callback = IdentityValidation()
+    callback._pairs = [Pair(tmp_path / "rotated.jpg", "a"), Pair(tmp_path / "deep.png", "b")]
+    seen = []
+    scores = SimpleNamespace(as_metrics=lambda stage: {}, face_distance=float("nan"), images=2)
+    callback.scorer = SimpleNamespace(score=lambda images, captions: seen.extend(images) or scores)
+    callback._log_reference(SimpleNamespace(loggers=[]))
+    for image, pair in zip(seen, callback._pairs, strict=True):
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(load_rgb(pair.image)))
+    assert seen[0].size == (40, 80)  # upright
+    assert len(np.unique(np.asarray(seen[1]))) > 100  # 16-bit greys scaled, not clipped to black and white
