@@ -25,10 +25,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
-from callbacks.interrupt_checkpoint import InterruptCheckpoint
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.run_folders import resolve_checkpoint
+from callbacks.stop_checkpoint import StopCheckpoint
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
@@ -87,11 +87,12 @@ class LikenessCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
-        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt")
         parser.add_lightning_class_args(IdentityValidation, "validation")
         parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # After validation and export: the last.ckpt saved at the end holds the final validation's metrics.
+        parser.add_lightning_class_args(StopCheckpoint, "stop_checkpoint")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def _parse_ckpt_path(self) -> None:
@@ -115,6 +116,14 @@ class LikenessCLI(LightningCLI):
             f"--ckpt_path {ckpt_path}",
             "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
         )
+        max_steps = self.config[subcommand]["trainer"].get("max_steps")
+        step = int(checkpoint.get("global_step", 0))
+        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is at step {step} and trainer.max_steps is {max_steps}: nothing is left to "
+                "train. To train on, raise --trainer.max_steps (the learning-rate schedule then spans the new "
+                "length; a warning shows how the rate changes)."
+            )
         conflicts, changes = [], []
         for section, saved in (
             ("model", checkpoint.get("hyper_parameters", {})),

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
@@ -123,6 +123,7 @@ class LoRADiffusion(L.LightningModule):
             self._hparams_initial.pop("optimizer", None)
         self.optimizer_factory = optimizer
         self.loaded_step = 0  # global step of the checkpoint loaded for validate/test/predict
+        self._resumed_plan: int | None = None  # planned steps of the run a resumed checkpoint came from
         # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.
         base = load_base_model(
             pretrained_model_name_or_path,
@@ -277,16 +278,31 @@ class LoRADiffusion(L.LightningModule):
         for i, (group, lr) in enumerate(zip(self.optimizers().optimizer.param_groups, configured, strict=True)):
             group["initial_lr"] = scheduler.base_lrs[i] = lr
             group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        planned, total = self._resumed_plan, int(self.trainer.estimated_stepping_batches)
+        if planned and planned != total and self.hparams.lr_scheduler != "constant":
+            # The schedule is a function of the run's length: extending a run stretches it (issue #8). Say so.
+            step, lr = scheduler.last_epoch, configured[0]
+            rank_zero_warn(
+                f"This run trains {total} steps; the checkpoint's run planned {planned}. The {self.hparams.lr_scheduler}"
+                f" learning-rate schedule now spans {total} steps: at step {step} the learning rate is "
+                f"{lr * self._schedule(total)(step):.3g} (the old plan had {lr * self._schedule(planned)(step):.3g})."
+            )
+
+    def _schedule(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """diffusers' schedule for a run of ``total_steps``: the scheduler, or its LR factor by step without one."""
+        probe = optimizer or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = get_scheduler(
+            self.hparams.lr_scheduler,
+            optimizer=probe,
+            num_warmup_steps=self.hparams.lr_warmup_steps,
+            num_training_steps=total_steps,
+            num_cycles=self.hparams.lr_num_cycles,
+        )
+        return scheduler if optimizer is not None else scheduler.lr_lambdas[0]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = fused_adam(self.optimizer_factory(self.param_groups()))
-        scheduler = get_scheduler(
-            self.hparams.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=self.hparams.lr_warmup_steps,
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-            num_cycles=self.hparams.lr_num_cycles,
-        )
+        scheduler = self._schedule(int(self.trainer.estimated_stepping_batches), optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- small checkpoints ----------------------------------------------------------------------------------
@@ -298,6 +314,8 @@ class LoRADiffusion(L.LightningModule):
         # The run's seed drives data order and per-step noise: a resume must use it even if the config
         # asked for a random seed (`seed_everything: true`).
         checkpoint["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self._trainer is not None:  # the run's planned length, which shapes the LR schedule
+            checkpoint["planned_steps"] = int(self.trainer.estimated_stepping_batches)
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -322,6 +340,7 @@ class LoRADiffusion(L.LightningModule):
         if "seed" in checkpoint:
             os.environ["PL_GLOBAL_SEED"] = str(checkpoint["seed"])
         self.loaded_step = int(checkpoint.get("global_step", 0))
+        self._resumed_plan = checkpoint.get("planned_steps")
         states = checkpoint.get("rng_states", {})
         if "torch" in states:
             torch.set_rng_state(states["torch"])

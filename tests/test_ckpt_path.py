@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from callbacks.run_folders import resolve_checkpoint
 from train import main
@@ -58,3 +59,40 @@ def test_cli_resumes_the_newest_run_with_last(demo_cli, tmp_path):
     resumed = main(demo_cli("fit", tmp_path, *QUIET, "--trainer.max_steps=3", "--ckpt_path=last"))
     assert resumed.config["fit"]["ckpt_path"] == str(Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt")
     assert resumed.model.loaded_step == 2 and resumed.trainer.global_step == 3  # went on from step 2
+
+
+def test_last_checkpoint_is_at_the_last_step(demo_cli, tmp_path):
+    import torch
+
+    cli = main(demo_cli("fit", tmp_path, *QUIET, "--trainer.max_steps=5", "--checkpoint.every_n_train_steps=2"))
+    folder = Path(cli.trainer.log_dir) / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5  # not 4, the last periodic save
+    assert torch.load(folder / "step000004.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_finished_run_cannot_be_resumed_and_extending_says_what_the_schedule_does(demo_cli, tmp_path, capsys):
+    from diffusers.optimization import get_scheduler
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = [*QUIET, "--export.on_checkpoint=false", "--trainer.log_every_n_steps=1", "--model.lr_warmup_steps=0"]
+    common += ["--model.lr_scheduler=cosine"]
+    first = main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=4"))
+    last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=4", f"--ckpt_path={last}"))
+    assert info.value.code == 2 and "nothing is left to train" in capsys.readouterr().err
+
+    with pytest.warns(UserWarning, match="planned 4") as record:
+        longer = main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=8", f"--ckpt_path={last}"))
+    message = next(str(w.message) for w in record if "planned 4" in str(w.message))
+    # Independently: the demo's lr (1e-3) under diffusers' cosine schedule for 8 and for 4 steps, at step 4.
+    factor = {}
+    for total in (4, 8):
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        factor[total] = get_scheduler("cosine", probe, num_warmup_steps=0, num_training_steps=total).lr_lambdas[0](4)
+    assert f"is {1e-3 * factor[8]:.3g} (the old plan had {1e-3 * factor[4]:.3g})" in message
+    acc = EventAccumulator(longer.trainer.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("lr-AdamW/unet")}
+    # ... and it does what it says: the first resumed step trains at that rate (the monitor logs it one step on).
+    assert logged[min(logged)] == pytest.approx(1e-3 * factor[8], rel=1e-6)

@@ -1,4 +1,7 @@
-"""SIGTERM (Colab, Slurm, ``docker stop``) and Ctrl+C save a checkpoint at the current step and exit non-zero.
+"""``last.ckpt`` at the step where training stopped: at its end, on SIGTERM (Colab, Slurm, ``docker stop``) and Ctrl+C.
+
+ModelCheckpoint saves every N steps, so a run whose ``max_steps`` is no multiple of N ended with a ``last.ckpt``
+older than its last step (issue #8).
 
 Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the running batch, when weights, optimizer and
 loop counters agree, and then exits with status 0 having saved nothing (issue #8). This callback treats the first
@@ -18,8 +21,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.run_folders import checkpoint_dir
 
 
-class InterruptCheckpoint(L.Callback):
-    """On SIGTERM or Ctrl+C: finish the step, save ``<checkpoint dir>/last.ckpt``, exit with ``128 + signal``."""
+class StopCheckpoint(L.Callback):
+    """Saves ``<checkpoint dir>/last.ckpt`` at the last step of training when the periodic save was earlier; on
+    SIGTERM or Ctrl+C finishes the step, saves it and exits with ``128 + signal``."""
 
     def __init__(self) -> None:
         self._signal: int | None = None
@@ -49,6 +53,11 @@ class InterruptCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
+        periodic = trainer.checkpoint_callback
+        if periodic is None or not getattr(periodic, "save_last", False):
+            return
+        if getattr(periodic, "_last_global_step_saved", None) != trainer.global_step:
+            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
