@@ -12,9 +12,11 @@ the exit status ``128 + signal`` as shells report it.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -54,18 +56,29 @@ class StopCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
         periodic = trainer.checkpoint_callback
-        if periodic is None or not getattr(periodic, "save_last", False):
-            return
-        if getattr(periodic, "_last_global_step_saved", None) != trainer.global_step:
-            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
+        # ModelCheckpoint's own on_train_end saves only when it never saved a last.ckpt.
+        stale = isinstance(periodic, ModelCheckpoint) and periodic._last_global_step_saved != trainer.global_step
+        if stale and periodic.save_last:
+            self._save_last(trainer)
+
+    @staticmethod
+    def _save_last(trainer: L.Trainer) -> Path:
+        """Save ``last.ckpt`` through the ModelCheckpoint when there is one (it then knows the file as its own and
+        does not version the next one ``last-v1.ckpt``); every rank takes part, rank 0 writes."""
+        periodic = trainer.checkpoint_callback
+        if isinstance(periodic, ModelCheckpoint) and periodic.save_last:
+            periodic._save_last_checkpoint(trainer, periodic._monitor_candidates(trainer))
+            return Path(periodic.last_model_path)
+        path = checkpoint_dir(trainer) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        return path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
         signum = self._signal or signal.SIGTERM
-        path = checkpoint_dir(trainer) / "last.ckpt"
-        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        path = self._save_last(trainer)
         rank_zero_info(
             f"Stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint saved: {path}\n"
             f"Resume with: --ckpt_path {path}"

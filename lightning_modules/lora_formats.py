@@ -21,6 +21,9 @@ A1111 and ComfyUI read such files fine, and the diffusers file always loads.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -305,32 +308,43 @@ def export_lora(
         if ".lora_" in name
     }
     check_finite(lora_tensors, f"The LoRA to export to {folder}", "Nothing was written; export an earlier checkpoint.")
-    diffusers_file = save_diffusers_lora(folder, unet, te, adapter_name=adapter_name)
-    kohya_file = save_kohya_lora(
-        folder / f"{name}.safetensors",
-        unet,
-        te,
-        base_model=base_model,
-        steps=steps,
-        resolution=resolution,
-        captions=captions,
-        settings=settings,
-        adapter_name=adapter_name,
-    )
-    lora = {"unet": adapter_metadata(unet, adapter_name)}
-    if te is not None:
-        lora["text_encoder"] = adapter_metadata(te, adapter_name)
-    card = write_model_card(
-        folder,
-        name=name,
-        base_model=base_model,
-        settings=settings,
-        metrics=metrics,
-        steps=steps,
-        resolution=resolution,
-        captions=captions,
-        lora=lora,
-        diffusers_file=diffusers_file.name,
-        kohya_file=kohya_file.name,
-    )
-    return {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
+    # Written into a staging folder beside ``folder``, then each file renamed into place (issue #8): a kill or a full
+    # disk never leaves a torn LoRA file under its final name, and files exported earlier stay as they were.
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        diffusers_file = save_diffusers_lora(staging, unet, te, adapter_name=adapter_name)
+        kohya_file = save_kohya_lora(
+            staging / f"{name}.safetensors",
+            unet,
+            te,
+            base_model=base_model,
+            steps=steps,
+            resolution=resolution,
+            captions=captions,
+            settings=settings,
+            adapter_name=adapter_name,
+        )
+        lora = {"unet": adapter_metadata(unet, adapter_name)}
+        if te is not None:
+            lora["text_encoder"] = adapter_metadata(te, adapter_name)
+        card = write_model_card(
+            staging,
+            name=name,
+            base_model=base_model,
+            settings=settings,
+            metrics=metrics,
+            steps=steps,
+            resolution=resolution,
+            captions=captions,
+            lora=lora,
+            diffusers_file=diffusers_file.name,
+            kohya_file=kohya_file.name,
+        )
+        staged = {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
+        files = {kind: folder / path.name for kind, path in staged.items()}
+        for kind, path in staged.items():
+            os.replace(path, files[kind])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return files

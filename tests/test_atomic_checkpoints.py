@@ -62,3 +62,24 @@ def test_full_disk_stops_with_a_message_and_keeps_earlier_checkpoints(demo_cli, 
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["last.ckpt", "step000002.ckpt"]
     for name in ("last.ckpt", "step000002.ckpt"):
         assert torch.load(folder / name, weights_only=True)["global_step"] == 2
+
+
+def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_path, monkeypatch):
+    import lightning_modules.lora_formats as lora_formats
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    model = LoRADiffusion(str(tiny_sd), train_text_encoder=True)
+    common = {"name": "me", "base_model": "tiny", "steps": 1, "resolution": 64}
+    files = lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
+    before = {kind: path.read_bytes() for kind, path in files.items()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_formats, "write_model_card", killed)  # dies after writing both weight files
+    with torch.no_grad():
+        next(p for n, p in model.unet.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
+    assert {kind: path.read_bytes() for kind, path in files.items()} == before  # untouched, not half new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging left behind
