@@ -191,7 +191,7 @@ def main(args: list[str] | None = None) -> LikenessCLI:
         ClipModelError,
         CheckpointWriteError,
         MisconfigurationException,
-        FileNotFoundError,
+        OSError,  # FileNotFoundError, a full disk (ENOSPC) while exporting: the message names the file
         ValueError,
         KeyError,
     ) as err:

@@ -83,3 +83,17 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
         lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
     assert {kind: path.read_bytes() for kind, path in files.items()} == before  # untouched, not half new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging left behind
+
+
+def test_full_disk_during_lora_export_is_one_message(demo_cli, tmp_path, monkeypatch, capsys):
+    import lightning_modules.lora_formats as lora_formats
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lora_formats, "save_kohya_lora", full)
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *QUIET, "--trainer.max_steps=2", "--checkpoint.every_n_train_steps=2"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]  # the staging folder is gone
