@@ -136,13 +136,23 @@ class IdentityValidation(L.Callback):
     def _generate_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str]) -> bool:
         started = time.perf_counter()
         outputs = generate_restoring_state(pl_module, trainer.datamodule.prompt_loader(prompts))
-        return bool(self._report(trainer, outputs, "val", time.perf_counter() - started))
+        return bool(self._report(trainer, outputs, "val", time.perf_counter() - started, log_dir(trainer)))
 
     @rank_zero_only
     def _report(
-        self, trainer: L.Trainer, outputs: list[dict[str, Any]], stage: str, seconds: float, step: int | None = None
+        self,
+        trainer: L.Trainer,
+        outputs: list[dict[str, Any]],
+        stage: str,
+        seconds: float,
+        run_dir: Path,
+        step: int | None = None,
     ) -> bool:
-        """Score, log, save and print one validation; ``step`` defaults to the trainer's (fit)."""
+        """Score, log, save and print one validation; ``step`` defaults to the trainer's (fit).
+
+        ``run_dir`` comes from the caller, on every rank: ``trainer.log_dir`` is a collective (a broadcast), and
+        calling it here, on rank 0 alone, paired it with another rank's next broadcast (a DDP deadlock, issue #8).
+        """
         images = [im for out in outputs for im in out["images"]]
         prompts = [p for out in outputs for p in out["prompts"]]
         scores = self.scorer.score(images, prompts)
@@ -151,7 +161,7 @@ class IdentityValidation(L.Callback):
         self.last_metrics = metrics
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        folder = log_dir(trainer) / ("validation" if stage == "val" else stage)
+        folder = run_dir / ("validation" if stage == "val" else stage)
         names = save_images(folder / f"step_{step:06d}" if stage == "val" else folder, images, prompts, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -185,7 +195,8 @@ class IdentityValidation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._outputs:
             stage = "val" if trainer.validating else "test"
-            self._report(trainer, self._outputs, stage, time.perf_counter() - self._started, pl_module.loaded_step)
+            seconds = time.perf_counter() - self._started
+            self._report(trainer, self._outputs, stage, seconds, log_dir(trainer), pl_module.loaded_step)
         self._outputs = []
 
     on_test_epoch_end = on_validation_epoch_end

@@ -60,6 +60,11 @@ class IdentityScores:
         return {f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)}
 
 
+# Scoring runs on rank 0 alone (the validation callback's reports are rank_zero_only): a torchmetrics sync on
+# compute would wait forever for ranks that never score (a DDP deadlock, issue #8).
+LOCAL = {"sync_on_compute": False}
+
+
 class IdentityScorer:
     """Embeds the training photos once, then scores generated images against them.
 
@@ -83,11 +88,11 @@ class IdentityScorer:
         face_model.check()  # a missing model or weights fails here, at start-up
         self.reference = ReferenceEmbeddings(face_model, cache_dir, include_faceless).compute(reference_paths)
         # CLIP stays on the CPU: it must not take GPU memory from training.
-        self.clip = ClipScore(clip_model, device="cpu") if clip_model else None
+        self.clip = ClipScore(clip_model, device="cpu", **LOCAL) if clip_model else None
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> IdentityScores:
         embeddings = self.face_model.embed(images)
-        distance, faceless = FaceDistance(self.reference), FacelessCount()
+        distance, faceless = FaceDistance(self.reference, **LOCAL), FacelessCount(**LOCAL)
         distance.update(embeddings)
         faceless.update(embeddings)
         found = [e is not None for e in embeddings]

@@ -1,0 +1,48 @@
+"""Two processes through Lightning's DDP (gloo, CPU): one writer of logs, checkpoints and exports, the validation's
+best-checkpoint decision shared (no deadlock), and a resume under DDP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=420, check=False
+    )
+
+
+@pytest.mark.slow
+def test_two_process_fit_and_resume(demo_cli, tmp_path):
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+    common = [*ddp, "--validation.every_n_steps=2", "--checkpoint.every_n_train_steps=2"]
+    first = run(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted((tmp_path / "demo").iterdir())
+    assert [r.name for r in runs] == ["version_0"]  # one writer: rank 1 made no folder of its own
+    run_dir = runs[0]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt",
+        "step000002.ckpt",
+        "step000004.ckpt",
+    ]
+    assert sorted(p.name for p in (run_dir / "lora" / "final").iterdir()) == [
+        "README.md",
+        "likeness_lora.safetensors",
+        "pytorch_lora_weights.safetensors",
+    ]
+    assert sorted(p.name for p in (run_dir / "validation").iterdir()) == [f"step_{s:06d}" for s in (0, 2, 4)]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    resumed = run(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=6", "--ckpt_path=last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = sorted((tmp_path / "demo").iterdir())[-1] / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
