@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+from datamodules.latent_cache import write_atomically
 
 ROW = 256  # image side in the grid
 TEXT_WIDTH = 360
@@ -39,8 +42,9 @@ def save_png(path: Path, image: Image.Image, metadata: dict[str, object]) -> Pat
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_atomically(path, buffer.getbuffer())  # a kill or a full disk never leaves a torn image
     return path
 
 
