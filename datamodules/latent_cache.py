@@ -66,6 +66,8 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
     and an existing ``path`` is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a writer that was killed (SIGKILL)
+        stale.unlink(missing_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         with open(partial, "xb") as file:  # the usual permissions (umask), unlike mkstemp's 0600

@@ -311,6 +311,8 @@ def export_lora(
     # Written into a staging folder beside ``folder``, then each file renamed into place (issue #8): a kill or a full
     # disk never leaves a torn LoRA file under its final name, and files exported earlier stay as they were.
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by an export that was killed (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         diffusers_file = save_diffusers_lora(staging, unet, te, adapter_name=adapter_name)

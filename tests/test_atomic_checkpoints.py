@@ -48,6 +48,11 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_atomically(target, b"x" * 1000)
     assert target.read_bytes() == b"good old checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+    # What a SIGKILL leaves (no cleanup ran) goes at the next write of that file.
+    (tmp_path / ".last.ckpt.123-abc.partial").write_bytes(b"torn")
+    monkeypatch.undo()
+    write_atomically(target, b"new checkpoint")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and target.read_bytes() == b"new checkpoint"
 
 
 def test_full_disk_stops_with_a_message_and_keeps_earlier_checkpoints(demo_cli, tmp_path, monkeypatch, capsys):
@@ -83,6 +88,12 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
         lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
     assert {kind: path.read_bytes() for kind, path in files.items()} == before  # untouched, not half new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging left behind
+    # A staging folder a SIGKILL left behind goes at the next export.
+    (tmp_path / ".final.partial-killed").mkdir()
+    monkeypatch.undo()
+    lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert files["kohya"].read_bytes() != before["kohya"]  # the new weights, whole
 
 
 def test_full_disk_during_lora_export_is_one_message(demo_cli, tmp_path, monkeypatch, capsys):
