@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from datamodules.latent_cache import write_atomically
+from datamodules.files import write_atomically
 
 
 class CheckpointWriteError(RuntimeError):

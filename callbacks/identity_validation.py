@@ -16,9 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
+from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
-from datamodules.latent_cache import default_cache_dir
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from datamodules.latent_cache import write_atomically
+from datamodules.files import write_atomically
 
 ROW = 256  # image side in the grid
 TEXT_WIDTH = 360

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.epoch_sampler import EpochSampler
+from datamodules.files import default_cache_dir
 from datamodules.folder_scan import Pair, load_pairs
 from datamodules.image_caption_dataset import ImageCaptionDataset
-from datamodules.latent_cache import CacheReport, LatentCache, default_cache_dir, weights_fingerprint
+from datamodules.latent_cache import CacheReport, LatentCache, weights_fingerprint
 
 
 def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:

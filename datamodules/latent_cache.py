@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +22,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
+from datamodules.files import write_atomically
+
 # Bump when what an entry means changes (crop or resize code, stored fields): old entries are then not read.
 FORMAT = "likeness-latents-1"
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/likeness`` (``~/.cache/likeness``): caches shared by every run of this user."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "likeness"
 
 
 def file_digest(path: Path) -> str:
@@ -57,27 +52,6 @@ def weights_fingerprint(*modules: torch.nn.Module | None) -> str:
 
 def _checksum(mean: torch.Tensor, std: torch.Tensor) -> str:
     return hashlib.sha256(mean.numpy().tobytes() + std.numpy().tobytes()).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``.
-
-    Same folder, so the rename is atomic (no copy across filesystems); on any error the temporary file is removed
-    and an existing ``path`` is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a writer that was killed (SIGKILL)
-        stale.unlink(missing_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(partial, "xb") as file:  # the usual permissions (umask), unlike mkstemp's 0600
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 @dataclass

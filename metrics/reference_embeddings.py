@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.files import write_atomically
 from metrics.face_model import FaceModel
 
 
@@ -92,9 +94,7 @@ class ReferenceEmbeddings:
             )
         self.paths = [path for path, _ in kept]
         matrix = np.stack([emb for _, emb in kept]).astype(np.float64)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so that an interrupted run never leaves a half-written cache behind.
-        partial = cache_file.with_name(cache_file.stem + ".partial.npz")
-        np.savez(partial, embeddings=matrix, paths=np.array([str(p) for p in self.paths]), key=np.array(key))
-        partial.replace(cache_file)
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=matrix, paths=np.array([str(p) for p in self.paths]), key=np.array(key))
+        write_atomically(cache_file, buffer.getbuffer())  # an interrupted run never leaves a torn cache
         return matrix

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import datamodules.latent_cache as latent_cache
-from datamodules.latent_cache import write_atomically
+import datamodules.files as files
+from datamodules.files import write_atomically
 from train import main
 
 QUIET = ["--validation.baseline=false", "--validation.every_n_steps=0", "--validation.at_end=false"]
@@ -37,7 +37,7 @@ def fail_writes(monkeypatch, when: str, error: BaseException) -> None:
         file = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by FailingFile
         return FailingFile(file, error) if when in Path(path).name else file
 
-    monkeypatch.setattr(latent_cache, "open", fake_open, raising=False)
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
