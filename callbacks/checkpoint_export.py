@@ -2,10 +2,11 @@
 
 Usage::
 
-    python -m callbacks.lora_export logs/likeness/version_0/checkpoints/last.ckpt [--out DIR] [--name NAME]
+    likeness export logs/likeness/version_0/checkpoints/last.ckpt [--out DIR] [--name NAME]
+    python -m callbacks.checkpoint_export ...      # the same
 
-writes ``pytorch_lora_weights.safetensors`` (diffusers), ``<name>.safetensors`` (kohya: ComfyUI, A1111,
-Forge) and ``README.md`` into ``<checkpoint dir>/lora/<checkpoint stem>/`` unless ``--out`` says otherwise.
+writes ``pytorch_lora_weights.safetensors`` (diffusers), ``<name>-step<NNNNNN>.safetensors`` (kohya: ComfyUI,
+A1111, Forge) and ``README.md`` into ``<checkpoint dir>/lora/<checkpoint stem>/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from typing import Any
 import torch
 import yaml
 
-from callbacks.lora_export import DEFAULT_NAME, configured_learning_rate, native_resolution, training_settings
+from callbacks.export_facts import (
+    FALLBACK_NAME,
+    configured_learning_rate,
+    lora_file_stem,
+    native_resolution,
+    training_settings,
+)
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_formats import export_lora
 
@@ -96,7 +103,8 @@ def export_checkpoint(
     Args:
         ckpt_path: A checkpoint written by ``train.py`` (``last.ckpt``, ``step*.ckpt``, ``best_identity.ckpt``).
         out: Output folder; default ``<checkpoint dir>/lora/<checkpoint stem>/``.
-        name: LoRA name (kohya file stem, ``<lora:name:1>``); default: the run's ``export.name``.
+        name: LoRA name: the kohya file is ``<name>-step<NNNNNN>.safetensors``; default: the name the run
+            exported under (``export.name``, else its logger name and version).
         base_model: Base model to load instead of the checkpoint's ``pretrained_model_name_or_path`` (it moved);
             the files then name this one.
 
@@ -114,16 +122,17 @@ def export_checkpoint(
     trainer_config = _run_trainer_config(ckpt_path)
     groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
     callbacks = checkpoint.get("callbacks") or {}
-    name = name or callbacks.get("LoraExport", {}).get("name") or DEFAULT_NAME
+    name = name or callbacks.get("LoraExport", {}).get("name") or FALLBACK_NAME
+    steps = int(checkpoint.get("global_step", 0))
     # The last validation's numbers, as the IdentityValidation callback kept them in the checkpoint.
     metrics = next((v.get("last_metrics") for k, v in callbacks.items() if k.startswith("IdentityValidation")), None)
     return export_lora(
         Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem,
         module.unet,
         module.text_encoder,
-        name=name,
+        name=lora_file_stem(name, steps),
         base_model=str(module.hparams.pretrained_model_name_or_path),
-        steps=int(checkpoint.get("global_step", 0)),
+        steps=steps,
         resolution=dm_hparams.get("resolution") or native_resolution(module),
         captions=_captions(dm_hparams),
         metrics=metrics or None,
@@ -133,7 +142,9 @@ def export_checkpoint(
             precision=trainer_config.get("precision"),
             max_steps=trainer_config.get("max_steps"),
             learning_rate=configured_learning_rate(groups[0]),
+            prediction_type=module.noise_scheduler.config.prediction_type,
         ),
+        started_at=callbacks.get("LoraExport", {}).get("started_at"),
     )
 
 
@@ -142,12 +153,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning_modules.base_model import BaseModelError
 
     parser = argparse.ArgumentParser(
-        prog="python -m callbacks.lora_export",
+        prog="likeness export",
         description="Write the diffusers and kohya LoRA files and a model card from a likeness checkpoint.",
     )
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--out", help="output folder (default: <checkpoint dir>/lora/<checkpoint stem>)")
-    parser.add_argument("--name", help="LoRA name: kohya file stem and A1111 tag (default: the run's export.name)")
+    parser.add_argument(
+        "--name", help="LoRA name: the kohya file is NAME-stepNNNNNN.safetensors (default: the run's export name)"
+    )
     parser.add_argument("--base-model", help="base model path or Hub id, if it moved since training")
     args = parser.parse_args(argv)
     try:

@@ -1,35 +1,40 @@
 """Write the LoRA in files for diffusers, ComfyUI and A1111/Forge, beside each checkpoint and at the end.
 
-The same files from any checkpoint that ``train.py`` wrote, afterwards::
-
-    python -m callbacks.lora_export logs/likeness/version_0/checkpoints/last.ckpt [--out DIR] [--name NAME]
+The same files from any checkpoint that ``train.py`` wrote, afterwards: ``likeness export CKPT``
+(:mod:`callbacks.checkpoint_export`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from numbers import Number
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from callbacks.export_facts import (
+    configured_learning_rate,
+    kohya_ignored_modules,
+    lora_file_stem,
+    native_resolution,
+    run_name,
+    step_folder,
+    training_settings,
+)
 from callbacks.run_folders import checkpoint_dir, log_dir
-from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora, has_lora, kohya_state_dict
-
-DEFAULT_NAME = "likeness_lora"
-# Lightning's short precision spellings (config.yaml) in the unified form that ``str(trainer.precision)`` gives.
-_PRECISION_NAMES = {"None": "32-true", "32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+from lightning_modules.lora_formats import export_lora, has_lora, kohya_state_dict
 
 
 class LoraExport(L.Callback):
     """Export ``pl_module.unet`` / ``pl_module.text_encoder`` LoRA with :func:`export_lora`.
 
-    Folders (each holds ``pytorch_lora_weights.safetensors``, ``<name>.safetensors`` and ``README.md``):
+    Folders (each holds ``pytorch_lora_weights.safetensors``, ``<name>-step<NNNNNN>.safetensors`` and
+    ``README.md``):
 
-    * at every checkpoint save: ``<checkpoint dir>/lora/step-<global step>/`` — the checkpoint dir is the
-      first ``ModelCheckpoint``'s ``dirpath``, else ``<log dir>/checkpoints``;
+    * at every checkpoint save: ``<checkpoint dir>/lora/step<NNNNNN>/``, named as the step checkpoints are — the
+      checkpoint dir is the first ``ModelCheckpoint``'s ``dirpath``, else ``<log dir>/checkpoints``;
     * at the end of training: ``<log dir>/lora/final/``.
 
     The module needs ``unet`` (with a peft LoRA adapter), ``text_encoder`` (LoRA optional) and
@@ -37,36 +42,50 @@ class LoraExport(L.Callback):
     ``captions`` (a list, a property or a method; used for kohya's tag counts and the model card).
 
     Args:
-        name: LoRA name: kohya file stem and the ``<lora:name:1>`` tag of A1111.
+        name: LoRA name: the kohya file is ``<name>-step<NNNNNN>.safetensors`` and A1111's tag
+            ``<lora:<name>-step<NNNNNN>:1>``; default: the run's logger name and version (``brad-v3``).
         on_checkpoint: Also export beside every checkpoint (not only at the end).
     """
 
-    def __init__(self, name: str = DEFAULT_NAME, on_checkpoint: bool = True) -> None:
+    def __init__(self, name: str | None = None, on_checkpoint: bool = True) -> None:
         super().__init__()
-        if Path(name).stem == Path(DIFFUSERS_WEIGHT_NAME).stem or not name or "/" in name:
-            raise ValueError(
-                f"export.name {name!r}: choose a plain file name other than {Path(DIFFUSERS_WEIGHT_NAME).stem!r}, "
-                "which the diffusers file uses."
-            )
+        if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+            raise ValueError(f"export.name {name!r}: choose a plain file name (no folder), or leave it out.")
         self.name = name
         self.on_checkpoint = on_checkpoint
         self._last_folder: Path | None = None
+        self._name = name or ""
+        self._started_at: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Fail at the start, not at the first checkpoint hours later, if the LoRA cannot be exported.
         if stage != "fit":
             return
+        if trainer.is_global_zero:  # the logger's version is rank 0's; only rank 0 exports and saves
+            self._name = self.name or run_name(trainer)
         if not has_lora(getattr(pl_module, "unet", None)):
             raise ValueError("LoraExport needs pl_module.unet with a peft LoRA adapter named 'default'")
         kohya_state_dict(pl_module.unet, getattr(pl_module, "text_encoder", None))
+        if ignored := kohya_ignored_modules(pl_module.unet):
+            rank_zero_warn(
+                f"model.unet_target_modules puts LoRA on {', '.join(ignored)}: ComfyUI, A1111 and Forge load it, "
+                "but kohya's sd-scripts ignore these modules without a word. Leave them out of the targets if the "
+                "LoRA is meant for kohya's scripts."
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started_at = self._started_at or time.time()  # a resumed run keeps its first start
 
     def state_dict(self) -> dict[str, Any]:
         # Recorded in every checkpoint so that exporting one later names the files as training did.
-        # (No load_state_dict: on resume the run's own config wins.)
-        return {"name": self.name}
+        return {"name": self._name, "started_at": self._started_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Only the start time: on resume the run's own config (and so its name) wins.
+        self._started_at = state_dict.get("started_at")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        folder = checkpoint_dir(trainer) / "lora" / f"step-{trainer.global_step}"
+        folder = checkpoint_dir(trainer) / "lora" / step_folder(trainer.global_step)
         # last.ckpt and the step checkpoint are saved at the same step: export once.
         if self.on_checkpoint and folder != self._last_folder:
             self._export(trainer, pl_module, folder)
@@ -86,7 +105,7 @@ class LoraExport(L.Callback):
             folder,
             pl_module.unet,
             getattr(pl_module, "text_encoder", None),
-            name=self.name,
+            name=lora_file_stem(self._name, trainer.global_step),
             base_model=str(pl_module.hparams.pretrained_model_name_or_path),
             steps=trainer.global_step,
             resolution=resolution,
@@ -98,7 +117,11 @@ class LoraExport(L.Callback):
                 precision=trainer.precision,
                 max_steps=trainer.max_steps,
                 learning_rate=configured_learning_rate(groups[0]),
+                prediction_type=getattr(getattr(pl_module, "noise_scheduler", None), "config", {}).get(
+                    "prediction_type"
+                ),
             ),
+            started_at=self._started_at,
         )
         rank_zero_info(f"LoRA exported to {folder}")
 
@@ -123,65 +146,3 @@ def _validation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             except (TypeError, ValueError):
                 continue
     return out
-
-
-def native_resolution(pl_module: L.LightningModule) -> int:
-    """The image side the UNet was built for: its latent size times the VAE's downscale factor."""
-    vae = getattr(pl_module, "vae", None)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-    return int(pl_module.unet.config.sample_size) * factor
-
-
-def configured_learning_rate(param_group: Mapping[str, Any]) -> float | None:
-    """The configured learning rate of an optimizer group (before any schedule), else its current one."""
-    return param_group.get("initial_lr") or param_group.get("lr")
-
-
-def training_settings(
-    module_hparams: Mapping[str, Any] | None,
-    datamodule_hparams: Mapping[str, Any] | None,
-    *,
-    precision: Any = None,
-    max_steps: int | None = None,
-    learning_rate: float | None = None,
-) -> dict[str, Any]:
-    """Scalar hyperparameters of module and datamodule, plus trainer facts, as the model card lists them.
-
-    Args:
-        module_hparams: The LightningModule's hyperparameters.
-        datamodule_hparams: The datamodule's; a name the module already has is not repeated.
-        precision: Trainer precision (any spelling Lightning accepts; ``None`` is its default, 32-true).
-        max_steps: Planned optimizer steps; ``None`` or ``-1`` leaves it out.
-        learning_rate: The optimizer's learning rate.
-    """
-
-    def scalars(hparams: Any) -> dict[str, Any]:
-        items = dict(hparams or {}).items()
-        # Private entries (LightningCLI's `_instantiator`) are bookkeeping, not settings.
-        return {
-            k: v
-            for k, v in items
-            if not k.startswith("_") and (isinstance(v, str | bool | Number) or (isinstance(v, list) and v))
-        }
-
-    settings = scalars(module_hparams)
-    settings |= {k: v for k, v in scalars(datamodule_hparams).items() if k not in settings}
-    settings.pop("pretrained_model_name_or_path", None)  # the card lists it as the base model
-    settings["precision"] = _PRECISION_NAMES.get(str(precision), str(precision))
-    if max_steps and max_steps > 0:
-        settings["max_steps"] = max_steps
-    if learning_rate is not None:
-        settings["learning_rate"] = learning_rate
-    return settings
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m callbacks.lora_export CKPT``: the command lives in :mod:`callbacks.checkpoint_export`."""
-    # Imported here: the command loads LoRADiffusion, which the callback itself does not need.
-    from callbacks.checkpoint_export import main as export_main
-
-    export_main(argv)
-
-
-if __name__ == "__main__":
-    main()

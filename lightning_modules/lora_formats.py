@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -52,6 +53,8 @@ __all__ = [
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Lightning's precision names in the words kohya's ss_mixed_precision uses (accelerate's).
+KOHYA_PRECISION = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16", "16-true": "fp16", "bf16-true": "bf16"}
 # Config fields that describe the run, not the adapter; leaving them out keeps the header loadable by
 # other peft versions (diffusers calls ``LoraConfig(**metadata)``, which rejects unknown fields).
 _BOOKKEEPING_FIELDS = {
@@ -196,10 +199,16 @@ def kohya_metadata(
     resolution: int | tuple[int, int],
     captions: Iterable[str] = (),
     settings: Mapping | None = None,
+    started_at: float | None = None,
     adapter_name: str = ADAPTER_NAME,
 ) -> dict[str, str]:
-    """kohya sd-scripts' ``ss_*`` header (plus ``modelspec.*``) that A1111/Forge show; all values strings."""
+    """kohya sd-scripts' ``ss_*`` header (plus ``modelspec.*``) that A1111/Forge show; all values strings.
+
+    ``started_at`` is the training start (a ``time.time()`` value); ``settings`` may hold ``precision`` (Lightning's
+    spelling) and ``prediction_type`` (the noise scheduler's).
+    """
     captions = list(captions)
+    finished = time.time()
     width, height = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     unet_cfg = unet.peft_config[adapter_name]
     settings = dict(settings or {})
@@ -228,19 +237,25 @@ def kohya_metadata(
         "ss_resolution": str((width, height)),
         "ss_num_train_images": str(len(captions)),
         "ss_tag_frequency": json.dumps({name: _tag_frequency(captions)}),
-        "ss_training_finished_at": str(time.time()),
+        "ss_training_finished_at": str(finished),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
         "modelspec.resolution": f"{width}x{height}",
+        # As kohya writes them (library/sai_model_spec.py): an ISO-8601 date and "epsilon" or "v".
+        "modelspec.date": datetime.fromtimestamp(int(finished)).isoformat(),
+        "modelspec.prediction_type": "v" if settings.get("prediction_type") == "v_prediction" else "epsilon",
     }
+    if started_at is not None:
+        meta["ss_training_started_at"] = str(started_at)
+    if "precision" in settings:  # kohya records accelerate's words: no, fp16, bf16
+        meta["ss_mixed_precision"] = KOHYA_PRECISION.get(str(settings["precision"]), str(settings["precision"]))
     for key, ss_key in (
         ("learning_rate", "ss_learning_rate"),
         ("seed", "ss_seed"),
         ("batch_size", "ss_batch_size_per_device"),
         ("lr_scheduler", "ss_lr_scheduler"),
-        ("precision", "ss_mixed_precision"),
     ):
         if key in settings:
             meta[ss_key] = str(settings[key])
@@ -257,6 +272,7 @@ def save_kohya_lora(
     resolution: int | tuple[int, int],
     captions: Iterable[str] = (),
     settings: Mapping | None = None,
+    started_at: float | None = None,
     adapter_name: str = ADAPTER_NAME,
 ) -> Path:
     """Write the kohya-format file (``models/Lora`` in A1111/Forge, ``models/loras`` in ComfyUI)."""
@@ -271,6 +287,7 @@ def save_kohya_lora(
         resolution=resolution,
         captions=captions,
         settings=settings,
+        started_at=started_at,
         adapter_name=adapter_name,
     )
     save_file(kohya_state_dict(unet, text_encoder, adapter_name=adapter_name), path, metadata=meta)
@@ -289,6 +306,7 @@ def export_lora(
     captions: Iterable[str] = (),
     metrics: Mapping[str, float] | None = None,
     settings: Mapping | None = None,
+    started_at: float | None = None,
     adapter_name: str = ADAPTER_NAME,
 ) -> dict[str, Path]:
     """Write the diffusers file, the kohya file ``<name>.safetensors`` and ``README.md`` into ``folder``.
@@ -325,6 +343,7 @@ def export_lora(
             resolution=resolution,
             captions=captions,
             settings=settings,
+            started_at=started_at,
             adapter_name=adapter_name,
         )
         lora = {"unet": adapter_metadata(unet, adapter_name)}

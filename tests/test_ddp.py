@@ -36,7 +36,7 @@ def test_two_process_fit_and_resume(demo_cli, tmp_path):
     ]
     assert sorted(p.name for p in (run_dir / "lora" / "final").iterdir()) == [
         "README.md",
-        "likeness_lora.safetensors",
+        "demo-v0-step000004.safetensors",  # the run's name and version: rank 0's logger
         "pytorch_lora_weights.safetensors",
     ]
     assert sorted(p.name for p in (run_dir / "validation").iterdir()) == [f"step_{s:06d}" for s in (0, 2, 4)]

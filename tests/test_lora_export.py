@@ -1,5 +1,5 @@
 """LoraExport writes loadable LoRA files beside every checkpoint and at the end of a real (tiny) fit, and
-``python -m callbacks.lora_export CKPT`` writes the same files from a train.py checkpoint afterwards."""
+``likeness export CKPT`` writes the same files from a train.py checkpoint afterwards."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from peft import LoraConfig
 from safetensors import safe_open
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.checkpoint_export import main as export_main
 from callbacks.lora_export import LoraExport
-from callbacks.lora_export import main as export_main
 from lightning_modules.lora_diffusion import LoRADiffusion
 from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME
 from lightning_modules.tiny_sd import save_tiny_sd
@@ -102,18 +102,16 @@ def _fit(base: Path, root: Path, train_text_encoder: bool) -> tuple[L.Trainer, T
 @pytest.mark.parametrize("train_text_encoder", [True, False])
 def test_exports_beside_checkpoints_and_at_the_end(base, tmp_path, train_text_encoder):
     trainer, module = _fit(base, tmp_path, train_text_encoder)
-    step_dir, final_dir = tmp_path / "ckpt" / "lora" / "step-2", tmp_path / "lora" / "final"
-    for folder in (step_dir, final_dir):
-        assert {p.name for p in folder.iterdir()} == {
-            "pytorch_lora_weights.safetensors",
-            "me.safetensors",
-            "README.md",
-        }
+    # Step folders are named as the step checkpoints (step000002.ckpt); every kohya file has its own A1111 alias.
+    step_dir, final_dir = tmp_path / "ckpt" / "lora" / "step000002", tmp_path / "lora" / "final"
+    last = f"me-step{trainer.global_step:06d}.safetensors"
+    for folder, kohya in ((step_dir, "me-step000002.safetensors"), (final_dir, last)):
+        assert {p.name for p in folder.iterdir()} == {"pytorch_lora_weights.safetensors", kohya, "README.md"}
 
     # The final files reproduce the trained module in a fresh pipeline (diffusers and kohya files alike).
     with torch.no_grad():
         trained = module()
-    for weight_name in ("pytorch_lora_weights.safetensors", "me.safetensors"):
+    for weight_name in ("pytorch_lora_weights.safetensors", last):
         pipe = StableDiffusionPipeline.from_pretrained(base)
         pipe.load_lora_weights(final_dir, weight_name=weight_name)
         ids, sample, t = _inputs(pipe.text_encoder.config.hidden_size)
@@ -121,10 +119,10 @@ def test_exports_beside_checkpoints_and_at_the_end(base, tmp_path, train_text_en
             got = pipe.unet(sample, t, pipe.text_encoder(ids)[0]).sample
         torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-5)
 
-    with safe_open(str(step_dir / "me.safetensors"), "pt") as f:
+    with safe_open(str(step_dir / "me-step000002.safetensors"), "pt") as f:
         step_meta, step_keys = f.metadata(), set(f.keys())
         step_tensor = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    with safe_open(str(final_dir / "me.safetensors"), "pt") as f:
+    with safe_open(str(final_dir / last), "pt") as f:
         final_meta = f.metadata()
         final_tensor = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     assert (step_meta["ss_steps"], final_meta["ss_steps"]) == ("2", str(trainer.global_step))
@@ -132,7 +130,8 @@ def test_exports_beside_checkpoints_and_at_the_end(base, tmp_path, train_text_en
     assert any(k.startswith("lora_te_") for k in step_keys) == train_text_encoder
     # The checkpoint export is a snapshot: training went on and changed the LoRA afterwards.
     assert any(not torch.equal(step_tensor[k], final_tensor[k]) for k in step_keys if k.endswith("up.weight"))
-    assert json.loads(final_meta["ss_tag_frequency"])["me"]["sks person"] == 1
+    assert (step_meta["ss_output_name"], final_meta["ss_output_name"]) == ("me-step000002", Path(last).stem)
+    assert json.loads(final_meta["ss_tag_frequency"])[Path(last).stem]["sks person"] == 1
 
     card = (final_dir / "README.md").read_text()
     assert str(base) in card and f"{float(trainer.callback_metrics['val/loss']):.4g}" in card
@@ -148,7 +147,7 @@ def test_refuses_a_module_without_lora(base, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# python -m callbacks.lora_export CKPT, on a checkpoint of train.py
+# likeness export CKPT, on a checkpoint of train.py
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_run(demo_cli, tmp_path_factory) -> Path:
@@ -179,14 +178,15 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
     folder = cli_run / "checkpoints" / "lora" / "last"  # the default: <ckpt dir>/lora/<ckpt stem>
     assert str(folder / DIFFUSERS_WEIGHT_NAME) in capsys.readouterr().out
     callback_folder = cli_run / "lora" / "final"  # LoraExport at the end of training, also step 2
-    for name in (DIFFUSERS_WEIGHT_NAME, "me.safetensors"):  # "me": the run's export.name, from the checkpoint
+    # "me": the run's export.name, from the checkpoint; step 2 is the last step.
+    for name in (DIFFUSERS_WEIGHT_NAME, "me-step000002.safetensors"):
         (meta, tensors), (want_meta, want_tensors) = _read(folder / name), _read(callback_folder / name)
         assert tensors.keys() == want_tensors.keys() and tensors
         for key in tensors:
             assert torch.equal(tensors[key], want_tensors[key]), key
         meta.pop("ss_training_finished_at", None), want_meta.pop("ss_training_finished_at", None)
         assert meta == want_meta
-    assert _read(folder / "me.safetensors")[0]["ss_steps"] == "2"
+    assert _read(folder / "me-step000002.safetensors")[0]["ss_steps"] == "2"
     # Same settings, steps, captions and base model; neither has validation metrics (none ran).
     assert (folder / "README.md").read_text() == (callback_folder / "README.md").read_text()
 
@@ -196,7 +196,11 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
 def test_exported_file_reproduces_the_checkpoint(cli_run, tiny_sd, tmp_path):
     ckpt = cli_run / "checkpoints" / "last.ckpt"
     export_main([str(ckpt), "--out", str(tmp_path / "out"), "--name", "other"])
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {DIFFUSERS_WEIGHT_NAME, "other.safetensors", "README.md"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        DIFFUSERS_WEIGHT_NAME,
+        "other-step000002.safetensors",
+        "README.md",
+    }
 
     module = LoRADiffusion.load_from_checkpoint(ckpt, map_location="cpu").eval()
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
@@ -226,7 +230,7 @@ def test_command_refuses_what_is_not_a_checkpoint(kind, cli_run, tmp_path, capsy
     paths = {
         "missing": tmp_path / "nowhere.ckpt",
         "folder": cli_run / "checkpoints",
-        "lora_file": cli_run / "lora" / "final" / "me.safetensors",
+        "lora_file": cli_run / "lora" / "final" / "me-step000002.safetensors",
         "other_checkpoint": tmp_path / "other.ckpt",
     }
     torch.save({"state_dict": {"w": torch.zeros(1)}, "epoch": 0}, paths["other_checkpoint"])
@@ -253,7 +257,21 @@ def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys):
     assert info.value.code == 2 and "gone: no such file or folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["pytorch_lora_weights", "", "a/b"])
-def test_export_name_that_would_clash_is_refused(name):
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_export_name_that_is_no_file_name_is_refused(name):
     with pytest.raises(ValueError, match="export.name"):
         LoraExport(name=name)
+
+
+def test_default_names_differ_between_runs_and_steps(cli_run, demo_cli, tmp_path):
+    """Without export.name the kohya files are <run>-v<version>-step<N>: two runs never share an A1111 alias."""
+    names = set()
+    for _ in range(2):
+        cli = train_main(demo_cli("fit", tmp_path, "--trainer.max_steps=1", "--validation.baseline=false",
+                                  "--validation.at_end=false", "--trainer.limit_val_batches=0"))  # fmt: skip
+        run = Path(cli.trainer.log_dir)
+        (kohya,) = [p for p in (run / "lora" / "final").glob("*.safetensors") if p.name != DIFFUSERS_WEIGHT_NAME]
+        assert kohya.stem == f"demo-{run.name.replace('version_', 'v')}-step000001"
+        assert _read(kohya)[0]["ss_output_name"] == kohya.stem
+        names.add(kohya.stem)
+    assert len(names) == 2

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from lightning_modules.tiny_sd import save_tiny_sd
 
 CAPTIONS = ["a photo of sks person, smiling", "sks person, outdoors", "close-up of sks person, smiling"]
 METRICS = {"val/loss": 0.1234, "val/face_similarity": 0.5678}
+STARTED = 1_764_000_000.5  # a training start, as time.time() gives it
 # name: (unet r, unet alpha, unet targets, text-encoder r, alpha, targets or None)
 CASES = {
     "unet_and_te": (
@@ -39,6 +42,15 @@ CASES = {
     # kohya's default text-encoder targets (attention + MLP); float alpha below rank on the UNet.
     "te_with_mlp": (8, 1.5, ["to_q", "to_v"], 2, 3, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
     "unet_only": (2, 6, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"], None, None, None),
+    # Outside the attention blocks: what ComfyUI and A1111 map but kohya's scripts ignore.
+    "convs": (
+        2,
+        2,
+        ["conv_in", "conv_out", "linear_1", "conv1", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
+        None,
+        None,
+        None,
+    ),  # fmt: skip
 }
 
 
@@ -80,7 +92,8 @@ def exported(request, base, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     files = export_lora(
         folder, pipe.unet, pipe.text_encoder, name="likeness_lora", base_model=str(base), steps=123,
-        resolution=512, captions=CAPTIONS, metrics=METRICS, settings={"learning_rate": 1e-4, "seed": 3},
+        resolution=512, captions=CAPTIONS, metrics=METRICS, started_at=STARTED,
+        settings={"learning_rate": 1e-4, "seed": 3, "precision": "bf16-mixed", "prediction_type": "epsilon"},
     )  # fmt: skip
     return request.param, pipe, _outputs(pipe), folder, files
 
@@ -177,7 +190,9 @@ def test_kohya_keys_follow_comfyui_rules(exported, base):
     n_unet = sum(1 for m in modules if m.startswith("lora_unet_"))
     n_te = sum(1 for m in modules if m.startswith("lora_te_"))
     unet_targets, te_targets = CASES[case][2], CASES[case][5] or []
-    assert n_unet == sum(1 for n, _ in fresh.unet.named_modules() if any(n.endswith("." + t) for t in unet_targets))
+    assert n_unet == sum(
+        1 for n, _ in fresh.unet.named_modules() if any(n == t or n.endswith("." + t) for t in unet_targets)
+    )
     assert n_te == sum(1 for n, _ in fresh.text_encoder.named_modules() if n.split(".")[-1] in te_targets)
 
 
@@ -185,11 +200,20 @@ def test_kohya_keys_follow_comfyui_rules(exported, base):
 # the kohya name is rewritten to a compvis module name that has to exist in the LDM model.
 LDM_TRANSFORMER = {s.replace(".", "_") for s in COMFY_TRANSFORMER_BLOCK}
 LDM_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
-              "conv_shortcut": "skip_connection"}  # fmt: skip
+              "conv_shortcut": "skip_connection", "norm1": "in_layers_0", "norm2": "out_layers_0"}  # fmt: skip
 
 
 def _a1111_compvis(key: str) -> str | None:
     """The LDM module name A1111 maps a kohya SD1 key to, or None when it would not match."""
+    if m := re.fullmatch(r"lora_unet_(conv_in|conv_out|time_embedding_linear_[12])", key):
+        linear = m[1].startswith("time_embedding")
+        return (
+            f"time_embed_{2 * int(key[-1]) - 2}"
+            if linear
+            else {"conv_in": "input_blocks_0_0", "conv_out": "out_2"}[m[1]]
+        )
+    if m := re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(down|up)samplers_0_conv", key):
+        return f"{'input' if m[1] == 'down' else 'output'}_blocks_{m[2]}_sampler"
     if m := re.fullmatch(r"lora_unet_(?:down_blocks_\d+|mid_block|up_blocks_\d+)_(attentions|resnets)_\d+_(.+)", key):
         kind, rest = m.groups()
         if kind == "resnets":
@@ -222,6 +246,11 @@ def test_kohya_alpha_and_metadata_are_real(exported):
     assert meta["ss_sd_model_name"]
     expected = Counter(t.strip() for c in CAPTIONS for t in c.split(","))
     assert json.loads(meta["ss_tag_frequency"]) == {"likeness_lora": dict(expected)}
+    # What A1111's LoRA card shows, in kohya's words: start and end time, precision, date, prediction type.
+    assert float(meta["ss_training_started_at"]) == STARTED < float(meta["ss_training_finished_at"])
+    assert meta["ss_mixed_precision"] == "bf16" and meta["modelspec.prediction_type"] == "epsilon"
+    finished = datetime.fromtimestamp(int(float(meta["ss_training_finished_at"])))
+    assert datetime.fromisoformat(meta["modelspec.date"]) == finished
     assert all(isinstance(v, str) for v in meta.values())
 
 
@@ -270,3 +299,29 @@ def test_refuses_lora_that_changed_the_base_weights(base, tmp_path):
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="pissa", target_modules=["to_q"]))
     with pytest.raises(ValueError, match="pissa"):
         export_lora(tmp_path, pipe.unet, name="x", base_model=str(base), steps=1, resolution=64)
+
+
+def test_modules_kohya_ignores_are_named(exported):
+    """kohya's scripts build LoRA only inside attention, resnet and resampler blocks; the rest is listed."""
+    from callbacks.export_facts import kohya_ignored_modules
+
+    case, pipe, *_ = exported
+    lora_modules = [n for n, m in pipe.unet.named_modules() if getattr(m, "lora_A", None)]
+    outside = [n for n in lora_modules if not n.startswith(("down_blocks.", "mid_block.", "up_blocks."))]
+    assert kohya_ignored_modules(pipe.unet) == outside
+    assert bool(outside) == (case == "convs")  # conv_in, conv_out, time_embedding.linear_1
+
+
+def test_export_callback_warns_at_start_about_modules_kohya_ignores(exported):
+    from types import SimpleNamespace
+
+    from callbacks.lora_export import LoraExport
+
+    case, pipe, *_ = exported
+    trainer = SimpleNamespace(is_global_zero=True, logger=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoraExport().setup(trainer, SimpleNamespace(unet=pipe.unet, text_encoder=None), "fit")
+    said = [str(w.message) for w in caught if "kohya's sd-scripts ignore" in str(w.message)]
+    assert bool(said) == (case == "convs")
+    assert not said or all(name in said[0] for name in ("conv_in", "conv_out", "time_embedding.linear_1"))
