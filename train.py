@@ -1,12 +1,17 @@
 """likeness: train a face LoRA for Stable Diffusion 1.x and watch identity metrics while it trains.
 
-python train.py fit --config configs/brad.yaml
-python train.py fit --config configs/brad.yaml --ckpt_path last        # resume the newest run
-python train.py test --config configs/brad.yaml --ckpt_path CKPT
-python train.py --help
+likeness fit --config configs/brad.yaml                                 # or: python train.py fit ...
+likeness fit --config configs/brad.yaml --ckpt_path last                # resume the newest run
+likeness test --config configs/brad.yaml --ckpt_path CKPT
+likeness fit --help
 """
 
 from __future__ import annotations
+
+# isort: off
+# First: importing it quiets what the libraries below print while they are imported (issue #10).
+from likeness_command import LikenessParser, cli
+# isort: on
 
 import os
 import sys
@@ -167,17 +172,26 @@ def main(args: list[str] | None = None) -> LikenessCLI:
     torch.set_float32_matmul_precision("high")
     # FaceDataModule's EpochSampler does resume mid-epoch (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # The `likeness` command hands LightningCLI the arguments it read from sys.argv itself.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         return LikenessCLI(
             LoRADiffusion,
             FaceDataModule,
             args=args,
+            parser_class=LikenessParser,
+            parser_kwargs={"description": "likeness: teach Stable Diffusion 1.x one person's face with LoRA."},
+            # The model configures its own optimizer and schedule (model.optimizer, model.lr_scheduler); LightningCLI's
+            # top-level --optimizer/--lr_scheduler would replace both without a word (issue #10).
+            auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "logs", "name": "likeness"},
+                    # No hp_metric: TensorBoard would open on a meaningless -1 (issue #10).
+                    "init_args": {"save_dir": "logs", "name": "likeness", "default_hp_metric": False},
                 },
+                "enable_model_summary": False,  # LoRADiffusion prints its trainable parameters itself
                 "max_steps": 2000,
                 # FaceDataModule's EpochSampler shards the data by rank itself (and resumes mid-epoch).
                 "use_distributed_sampler": False,
@@ -204,4 +218,4 @@ def main(args: list[str] | None = None) -> LikenessCLI:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

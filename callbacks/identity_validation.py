@@ -6,7 +6,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -14,23 +14,29 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from callbacks.export_facts import step_folder
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
+from metrics.face_distance import DISTANCE_METRIC
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
 
 
 class IdentityValidation(L.Callback):
-    """Face distance, CLIP score and faceless count of images generated with the model being trained.
+    """Face distance, identity match rate, CLIP score and faceless count of images generated with the model.
 
     During ``fit`` it generates one image per validation prompt (the data module's first
     ``num_validation_prompts``) every ``every_n_steps`` optimizer steps, with a fixed seed per prompt, using the
     in-memory LoRA model; modules' train/eval modes and the RNG state are restored afterwards, so validation
     does not change the training trajectory. ``validate`` and ``test`` score all prompts; ``test`` writes
     ``valid_image_<i>.png`` as the HW did and prints the HW's numbers.
+
+    Each generated face is the person or not by the face model's own verification threshold (see
+    ``IdentityMatch``); ``identity_match_rate`` is the share of images that are the person, faceless ones
+    counting as not. HW rubric points are given only with the rubric's face model, GhostFaceNet.
 
     Args:
         every_n_steps: validate every this many optimizer steps (0: only baseline and end).
@@ -41,7 +47,11 @@ class IdentityValidation(L.Callback):
         clip_model: CLIP Hub id or local folder for the CLIP score; ``null`` skips it.
         min_clip_score: HW floor for the best checkpoint: CLIP score above this.
         max_faceless_fraction: HW floor: at most this fraction of images faceless (5 of 25).
-        save_best: keep ``best_identity.ckpt``: the lowest face distance among validations passing the floors.
+        save_best: keep ``best_identity.ckpt``: the best validation (by ``best_by``) among those passing the
+            floors.
+        best_by: what makes a validation the best: ``face_distance`` (lowest; the HW's grade) or
+            ``identity_match_rate`` (highest share of images that are the person; ties go to the lower face
+            distance).
         cache_dir: where training-photo embeddings are cached (keyed by files and face model).
         include_faceless_references: training photos in which no face is found still count, with DeepFace's
             whole-image embedding, as in the HW's grading; ``false`` leaves them out.
@@ -58,6 +68,7 @@ class IdentityValidation(L.Callback):
         min_clip_score: float = 22.0,
         max_faceless_fraction: float = HW_MAX_FACELESS / HW_PROMPTS,
         save_best: bool = True,
+        best_by: Literal["face_distance", "identity_match_rate"] = "face_distance",
         cache_dir: str | None = None,
         include_faceless_references: bool = True,
     ) -> None:
@@ -70,11 +81,18 @@ class IdentityValidation(L.Callback):
         self.min_clip_score = min_clip_score
         self.max_faceless_fraction = max_faceless_fraction
         self.save_best = save_best
+        if best_by not in ("face_distance", "identity_match_rate"):
+            raise ValueError(
+                f"IdentityValidation: best_by must be face_distance or identity_match_rate, not {best_by!r}."
+            )
+        self.best_by = best_by
         self.cache_dir = cache_dir or str(default_cache_dir())
         self.include_faceless_references = include_faceless_references
         self.scorer: IdentityScorer | None = None
         self._pairs: list = []
+        # The best validation so far (both numbers, whatever ranks them: a resume may change best_by).
         self.best_face_distance = math.inf
+        self.best_identity_match_rate = -math.inf
         self.last_step = -1
         self.last_metrics: dict[str, float] = {}
         self._outputs: list[dict[str, Any]] = []
@@ -162,18 +180,26 @@ class IdentityValidation(L.Callback):
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         folder = run_dir / ("validation" if stage == "val" else stage)
-        names = save_images(folder / f"step_{step:06d}" if stage == "val" else folder, images, prompts, stage)
+        names = save_images(folder / step_folder(step) if stage == "val" else folder, images, prompts, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                grid = prompt_grid(images, prompts, scores.face_found)
+                grid = prompt_grid(images, prompts, scores.labels(), scores.matches)
                 logger.experiment.add_image(f"{stage}/images", np.asarray(grid), step, dataformats="HWC")
         rank_zero_info(f"[{stage} step {step}] {_summary(scores)} ({seconds:.1f}s; images in {names[0].parent})")
-        better = scores.passes(self.min_clip_score, self.max_faceless_fraction) and (
-            scores.face_distance < self.best_face_distance
-        )
+        better = self.is_better(scores)
         if better:
             self.best_face_distance = scores.face_distance
+            self.best_identity_match_rate = scores.identity_match_rate
         return better
+
+    def is_better(self, scores: IdentityScores) -> bool:
+        """Whether ``scores`` pass the floors and beat the best validation so far, ranked by ``best_by``."""
+        if not scores.passes(self.min_clip_score, self.max_faceless_fraction):
+            return False
+        # The rate moves in steps of 1/images, so ties are common: the face distance breaks them.
+        if self.best_by == "identity_match_rate" and scores.identity_match_rate != self.best_identity_match_rate:
+            return scores.identity_match_rate > self.best_identity_match_rate
+        return scores.face_distance < self.best_face_distance
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -202,15 +228,18 @@ class IdentityValidation(L.Callback):
     on_test_epoch_end = on_validation_epoch_end
 
     def state_dict(self) -> dict[str, Any]:
-        # last_metrics: for model cards written later from the checkpoint (python -m callbacks.lora_export).
+        # last_metrics: for model cards written later from the checkpoint (likeness export).
         return {
             "best_face_distance": self.best_face_distance,
+            "best_identity_match_rate": self.best_identity_match_rate,
             "last_step": self.last_step,
             "last_metrics": self.last_metrics,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_face_distance = state_dict["best_face_distance"]
+        # Checkpoints from before the match rate: unknown, so the next passing validation may take over.
+        self.best_identity_match_rate = state_dict.get("best_identity_match_rate", -math.inf)
         self.last_step = state_dict["last_step"]
         self.last_metrics = state_dict.get("last_metrics", {})
 
@@ -235,9 +264,17 @@ def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[
 
 
 def _summary(scores: IdentityScores) -> str:
+    matched = sum(scores.matches)
+    identity = (
+        f"the person in {matched}/{scores.images} "
+        f"({scores.face_model} {DISTANCE_METRIC} distance <= {scores.threshold:.3f})"
+    )
     if math.isnan(scores.face_distance):
-        return f"no face in any image: face distance and CLIP score undefined, faceless {scores.images}/{scores.images}"
+        return (
+            f"no face in any image: face distance and CLIP score undefined, {identity}, "
+            f"faceless {scores.images}/{scores.images}"
+        )
     return (
-        f"face distance {scores.face_distance:.4f} (rubric {scores.rubric_points}/10), "
+        f"face distance {scores.face_distance:.4f} ({scores.rubric}), {identity}, "
         f"CLIP score {scores.clip_score:.2f}, faceless {scores.faceless_count}/{scores.images}"
     )

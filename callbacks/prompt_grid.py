@@ -1,4 +1,4 @@
-"""Images as files and as one TensorBoard grid with each prompt readable beside its image."""
+"""Images as files and as one TensorBoard grid: each prompt readable beside its image, the verdict under it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from PIL.PngImagePlugin import PngInfo
 from datamodules.files import write_atomically
 
 ROW = 256  # image side in the grid
+LABEL = 28  # height of the verdict strip under each image
+ROW_HEIGHT = ROW + LABEL
 TEXT_WIDTH = 360
+# Strip colours: the verdict must read at a glance across 25 rows.
+MATCH_COLOUR = (24, 128, 56)
+NO_MATCH_COLOUR = (176, 32, 32)
 
 
 def _font(size: int = 16) -> ImageFont.ImageFont:
@@ -23,15 +28,27 @@ def _font(size: int = 16) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def prompt_grid(images: Sequence[Image.Image], prompts: Sequence[str], face_found: Sequence[bool]) -> Image.Image:
-    """One row per image: the image, then its prompt wrapped, and whether a face was found."""
-    grid = Image.new("RGB", (ROW + TEXT_WIDTH, ROW * len(images)), "white")
+def prompt_grid(
+    images: Sequence[Image.Image], prompts: Sequence[str], labels: Sequence[str], matches: Sequence[bool]
+) -> Image.Image:
+    """One row per image: the image with its label in a strip under it, then its prompt wrapped.
+
+    Args:
+        images: the generated images.
+        prompts: their prompts.
+        labels: one line per image for the strip (the identity verdict and its distance).
+        matches: per image, whether it is the person: the strip is green, else red.
+    """
+    grid = Image.new("RGB", (ROW + TEXT_WIDTH, ROW_HEIGHT * len(images)), "white")
     draw, font = ImageDraw.Draw(grid), _font()
-    for row, (image, prompt, face) in enumerate(zip(images, prompts, face_found, strict=True)):
-        top = row * ROW
+    for row, (image, prompt, label, match) in enumerate(zip(images, prompts, labels, matches, strict=True)):
+        top = row * ROW_HEIGHT
         grid.paste(image.convert("RGB").resize((ROW, ROW), Image.Resampling.LANCZOS), (0, top))
-        lines = textwrap.wrap(f"{row}: {prompt}", width=36)[:10]
-        lines += ["", "face found" if face else "NO FACE FOUND"]
+        draw.rectangle(
+            [(0, top + ROW), (ROW - 1, top + ROW_HEIGHT - 1)], fill=MATCH_COLOUR if match else NO_MATCH_COLOUR
+        )
+        draw.text((6, top + ROW + 5), label, fill="white", font=font)
+        lines = textwrap.wrap(f"{row}: {prompt}", width=36)[:12]
         draw.multiline_text((ROW + 10, top + 10), "\n".join(lines), fill="black", font=font, spacing=4)
         draw.line([(0, top), (grid.width, top)], fill="gray")
     return grid

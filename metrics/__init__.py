@@ -1,4 +1,4 @@
-"""Identity metrics of NTU GenAI HW10: face distance, faceless images, CLIP score.
+"""Identity metrics of NTU GenAI HW10: face distance, faceless images, CLIP score; and identity match rate.
 
 Names are imported on first use, so ``import metrics`` stays cheap (no deepface, transformers, torch).
 """
@@ -13,6 +13,7 @@ _EXPORTS = {
     "ReferenceEmbeddings": "metrics.reference_embeddings",
     "FaceDistance": "metrics.face_distance",
     "rubric_points": "metrics.face_distance",
+    "IdentityMatch": "metrics.identity_match",
     "FacelessCount": "metrics.faceless_count",
     "ClipScore": "metrics.clip_score",
     "load_clip": "metrics.clip_score",

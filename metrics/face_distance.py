@@ -12,6 +12,14 @@ from torchmetrics import Metric
 
 # (upper bound, points) of the HW rubric, best first.
 _RUBRIC = ((1.20, 10), (1.22, 8), (1.25, 6), (1.28, 4), (1.30, 2))
+# The rubric's bounds are distances between GhostFaceNet embeddings; another model's distances have another
+# scale (Dlib strangers sit near 0.55, far inside 1.20), so points are only given for this model.
+RUBRIC_MODEL = "GhostFaceNet"
+# The name deepface gives FaceDistance's pair distance, for looking up its thresholds: the L2 distance between
+# L2-normalised embeddings is deepface's "euclidean_l2" (l2_normalize each, then the euclidean distance). Not
+# "cosine": deepface's cosine distance is 1 - cos = euclidean_l2**2 / 2, the same order on another scale, so
+# its thresholds would be read against the wrong numbers; nor plain "euclidean", which skips the normalising.
+DISTANCE_METRIC = "euclidean_l2"
 
 
 def _as_matrix(embeddings: Sequence[np.ndarray | Tensor], what: str) -> Tensor:
@@ -58,11 +66,8 @@ class FaceDistance(Metric):
         self.add_state("distance_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("faces", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, embeddings: Sequence[np.ndarray | Tensor | None]) -> None:
-        """Add generated-image embeddings; ``None`` entries (no face) are skipped."""
-        faces = [e for e in embeddings if e is not None]
-        if not faces:
-            return
+    def _mean_distances(self, faces: Sequence[np.ndarray | Tensor]) -> Tensor:
+        """Each face's mean distance to the references, shape ``(len(faces),)``."""
         matrix = _as_matrix(faces, "generated embeddings").to(self.reference.device)
         if matrix.shape[1] != self.reference.shape[1]:
             raise ValueError(
@@ -70,9 +75,24 @@ class FaceDistance(Metric):
                 f"{self.reference.shape[1]}; embed both with the same face model."
             )
         # .double(): a LightningModule cast to half/bf16 also casts this buffer; keep the maths in float64.
-        distances = torch.cdist(_l2_normalise(matrix), self.reference.double(), p=2)
-        self.distance_sum += distances.mean(dim=1).sum()
-        self.faces += matrix.shape[0]
+        return torch.cdist(_l2_normalise(matrix), self.reference.double(), p=2).mean(dim=1)
+
+    def per_face(self, embeddings: Sequence[np.ndarray | Tensor | None]) -> list[float | None]:
+        """Each image's mean distance to the references, ``None`` where it has no face; the state is unchanged.
+
+        These are the terms ``compute()`` averages, so their mean over the faces is the face distance.
+        """
+        faces = [e for e in embeddings if e is not None]
+        distances = iter(self._mean_distances(faces).tolist() if faces else [])
+        return [None if e is None else next(distances) for e in embeddings]
+
+    def update(self, embeddings: Sequence[np.ndarray | Tensor | None]) -> None:
+        """Add generated-image embeddings; ``None`` entries (no face) are skipped."""
+        faces = [e for e in embeddings if e is not None]
+        if not faces:
+            return
+        self.distance_sum += self._mean_distances(faces).sum()
+        self.faces += len(faces)
 
     def compute(self) -> Tensor:
         """The mean pairwise distance, or NaN when no generated image had a face."""
@@ -85,7 +105,8 @@ def rubric_points(face_distance: float | Tensor) -> int:
     """HW10 rubric points for a face distance: <=1.20 -> 10, <=1.22 -> 8, <=1.25 -> 6, <=1.28 -> 4,
     <=1.30 -> 2, else (and NaN) 0.
 
-    The thresholds were set for the HW's GhostFaceNet embeddings; other face models give other scales.
+    The thresholds were set for the HW's GhostFaceNet embeddings (``RUBRIC_MODEL``); other face models give
+    other scales, so callers give points only for that model (see ``IdentityScores.rubric_points``).
     """
     value = float(face_distance)
     for bound, points in _RUBRIC:

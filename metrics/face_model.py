@@ -5,6 +5,7 @@ enforce_detection=False)`` and counted an image as faceless when that returned n
 ``face_confidence == 0`` (deepface then hands back the whole image as the "face"). This wrapper keeps
 that rule. Its default, dlib's detector and ResNet, runs offline: the weights ship in the PyPI package
 ``face-recognition-models`` and are copied to where deepface looks for them, so nothing is downloaded.
+deepface always gets pixels, never a path: it refuses paths with non-ASCII characters.
 """
 
 from __future__ import annotations
@@ -196,8 +197,28 @@ class FaceModel:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _represent(self, image: np.ndarray | str) -> tuple[np.ndarray | None, np.ndarray]:
-        """HW rule on one BGR array or image path: (embedding or None when faceless, raw first embedding)."""
+    def verification_threshold(self, distance_metric: str) -> float:
+        """deepface's threshold for this model and distance metric: a pair at most this far apart is one person.
+
+        Read from the installed deepface (the numbers it tuned per model and metric), not copied here, so
+        they stay those of the deepface that computes the embeddings.
+
+        Raises:
+            FaceModelError: deepface has no threshold for this model and metric.
+        """
+        self._deepface()  # chooses the engine before any deepface import
+        verification = importlib.import_module("deepface.modules.verification")
+        try:
+            return float(verification.find_threshold(self.model_name, distance_metric))
+        except ValueError as err:
+            raise FaceModelError(
+                f"FaceModel(model_name={self.model_name!r}): deepface has no verification threshold for the "
+                f"{distance_metric!r} distance ({err}); pick a model deepface publishes thresholds for "
+                "(deepface.config.threshold)."
+            ) from err
+
+    def _represent(self, image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """HW rule on one BGR array: (embedding or None when faceless, raw first embedding)."""
         self.check()
         faces = self._deepface().represent(
             image,
@@ -223,7 +244,11 @@ class FaceModel:
         return self._represent(np.ascontiguousarray(rgb[:, :, ::-1]))
 
     def embed_files(self, paths: Sequence[str | Path], include_faceless: bool = False) -> list[np.ndarray | None]:
-        """Embed image files the way the HW embedded its training set (deepface reads them with OpenCV).
+        """Embed image files, read as training reads them (upright, 8-bit RGB, alpha on white).
+
+        The project's loader reads the file and deepface gets its pixels: deepface refuses a path with
+        non-ASCII characters (``照片/布拉德 皮特 1.jpg``), and the face must be the one training saw (the HW let
+        deepface read the files with OpenCV, which shows the hidden colours of transparent pixels).
 
         Args:
             paths: image files.
@@ -234,11 +259,6 @@ class FaceModel:
         for path in paths:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"FaceModel.embed_files: no image file at {path}.")
-            with Image.open(path) as opened:  # reads the header only
-                huge = max(opened.size) > MAX_DETECTOR_SIDE
-            if huge:  # shrunk first (upright, 8-bit RGB as training sees it); others as the HW read them
-                embedding, raw = self._represent_image(load_rgb(path))
-            else:
-                embedding, raw = self._represent(str(path))
+            embedding, raw = self._represent_image(load_rgb(path))
             out.append(raw if include_faceless and raw.size else embedding)
         return out

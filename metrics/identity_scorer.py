@@ -1,4 +1,4 @@
-"""Score a set of generated images the way NTU GenAI HW10 graded them: face distance, CLIP score, faceless."""
+"""Score a set of generated images: the HW's face distance, CLIP score and faceless count, and who is in them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from PIL import Image
 
 from metrics.clip_score import ClipScore
-from metrics.face_distance import FaceDistance, rubric_points
+from metrics.face_distance import DISTANCE_METRIC, RUBRIC_MODEL, FaceDistance, rubric_points
 from metrics.face_model import FaceModel
 from metrics.faceless_count import FacelessCount
+from metrics.identity_match import IdentityMatch
 from metrics.reference_embeddings import ReferenceEmbeddings
 
 # The HW rubric's floors for 25 prompts: CLIP score above 22, at most 5 faceless images.
@@ -22,21 +23,53 @@ HW_MAX_FACELESS = 5
 
 @dataclass
 class IdentityScores:
-    """One validation's numbers. ``face_distance`` and ``clip_score`` are NaN when no image has a face."""
+    """One validation's numbers. ``face_distance`` and ``clip_score`` are NaN when no image has a face.
+
+    Per image: ``distances`` (its face's mean distance to the training faces, ``None`` without a face) and
+    ``matches`` (whether that face is the person by ``face_model``'s ``threshold``; see ``IdentityMatch``).
+    """
 
     face_distance: float
     clip_score: float
     faceless_count: int
     images: int
-    face_found: list[bool]
+    distances: list[float | None]
+    matches: list[bool]
+    identity_match_rate: float
+    threshold: float
+    face_model: str
+
+    @property
+    def face_found(self) -> list[bool]:
+        return [d is not None for d in self.distances]
 
     @property
     def faceless_rate(self) -> float:
         return self.faceless_count / self.images if self.images else math.nan
 
     @property
-    def rubric_points(self) -> int:
-        return rubric_points(self.face_distance)
+    def rubric_points(self) -> int | None:
+        """HW rubric points, or ``None`` when the face model is not the rubric's (its bounds mean nothing there)."""
+        return rubric_points(self.face_distance) if self.face_model == RUBRIC_MODEL else None
+
+    @property
+    def rubric(self) -> str:
+        """The rubric's verdict for the summary line, or why there is none."""
+        if self.rubric_points is None:
+            return f"rubric n/a: rubric needs {RUBRIC_MODEL}, not {self.face_model}"
+        return f"rubric {self.rubric_points}/10"
+
+    def labels(self) -> list[str]:
+        """One line per image for the validation grid: the verdict and the distance it was taken on."""
+        out = []
+        for distance, match in zip(self.distances, self.matches, strict=True):
+            if distance is None:
+                out.append("no face: not the person")
+            else:
+                sign = "<=" if match else ">"
+                verdict = "the person" if match else "not the person"
+                out.append(f"{verdict}: {distance:.3f} {sign} {self.threshold:.3f}")
+        return out
 
     def passes(self, min_clip_score: float, max_faceless_fraction: float) -> bool:
         """The HW floors, scaled to the number of prompts: CLIP > min and faceless <= fraction of images."""
@@ -48,14 +81,19 @@ class IdentityScores:
         )
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
-        """Loggable numbers; undefined ones (NaN) are left out rather than logged as 0."""
+        """Loggable numbers; undefined ones (NaN) are left out rather than logged as 0.
+
+        ``rubric_points`` only with the rubric's face model: elsewhere any number would be made up.
+        """
+        points = self.rubric_points
         values = {
             "face_distance": self.face_distance,
+            "identity_match_rate": self.identity_match_rate,
             "clip_score": self.clip_score,
             "faceless_count": float(self.faceless_count),
             "faceless_rate": self.faceless_rate,
             # Points follow from the face distance: undefined with it.
-            "rubric_points": math.nan if math.isnan(self.face_distance) else float(self.rubric_points),
+            "rubric_points": math.nan if points is None or math.isnan(self.face_distance) else float(points),
         }
         return {f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)}
 
@@ -67,6 +105,9 @@ LOCAL = {"sync_on_compute": False}
 
 class IdentityScorer:
     """Embeds the training photos once, then scores generated images against them.
+
+    Who is the person is decided by the face model's verification threshold for the face distance's metric
+    (deepface's ``euclidean_l2`` thresholds; in deepface 0.0.103 e.g. Dlib 0.40, GhostFaceNet 1.10).
 
     Args:
         face_model: the face detector + recognition model (runs on the CPU).
@@ -86,6 +127,8 @@ class IdentityScorer:
     ) -> None:
         self.face_model = face_model
         face_model.check()  # a missing model or weights fails here, at start-up
+        # The face model's own pair threshold for the face distance's metric decides who is the person.
+        self.threshold = face_model.verification_threshold(DISTANCE_METRIC)
         self.reference = ReferenceEmbeddings(face_model, cache_dir, include_faceless).compute(reference_paths)
         # CLIP stays on the CPU: it must not take GPU memory from training.
         self.clip = ClipScore(clip_model, device="cpu", **LOCAL) if clip_model else None
@@ -93,8 +136,11 @@ class IdentityScorer:
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> IdentityScores:
         embeddings = self.face_model.embed(images)
         distance, faceless = FaceDistance(self.reference, **LOCAL), FacelessCount(**LOCAL)
+        match = IdentityMatch(self.threshold, **LOCAL)
         distance.update(embeddings)
         faceless.update(embeddings)
+        per_face = distance.per_face(embeddings)
+        match.update(per_face)
         found = [e is not None for e in embeddings]
         clip_score = math.nan
         if self.clip is not None:
@@ -110,5 +156,9 @@ class IdentityScorer:
             clip_score=clip_score,
             faceless_count=int(faceless.compute()["count"]),
             images=len(images),
-            face_found=found,
+            distances=per_face,
+            matches=[match.is_match(d) for d in per_face],
+            identity_match_rate=float(match.compute()),  # NaN without images
+            threshold=self.threshold,
+            face_model=self.face_model.model_name,
         )

@@ -26,7 +26,8 @@ class ReferenceEmbeddings:
     """Embed every training image once; later runs with the same files load the ``.npz`` cache.
 
     The cache key covers each file's resolved path, size and modification time, the face model and detector
-    names, the deepface version and ``include_faceless``: changing any of them computes the embeddings anew.
+    names, the deepface version, ``include_faceless`` and how files are read: changing any of them computes the
+    embeddings anew. Paths may hold any characters (deepface is handed pixels, not paths).
     The cache is a plain ``.npz`` read with ``allow_pickle=False`` (no pickle).
 
     Training images where no face is found are skipped by default (they say nothing about the face; the
@@ -56,6 +57,8 @@ class ReferenceEmbeddings:
             "detector_backend": self.face_model.detector_backend,
             "deepface": _deepface_version(),
             "include_faceless": self.include_faceless,
+            # How files become pixels: caches from when deepface read the files itself (OpenCV) are stale.
+            "reader": "load_rgb",
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 

@@ -39,7 +39,7 @@ def test_two_process_fit_and_resume(demo_cli, tmp_path):
         "demo-v0-step000004.safetensors",  # the run's name and version: rank 0's logger
         "pytorch_lora_weights.safetensors",
     ]
-    assert sorted(p.name for p in (run_dir / "validation").iterdir()) == [f"step_{s:06d}" for s in (0, 2, 4)]
+    assert sorted(p.name for p in (run_dir / "validation").iterdir()) == [f"step{s:06d}" for s in (0, 2, 4)]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
     resumed = run(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=6", "--ckpt_path=last"))

@@ -1,4 +1,4 @@
-"""FaceDistance, FacelessCount and the rubric against an independent NumPy computation."""
+"""FaceDistance (and its per-face terms), FacelessCount and the rubric against an independent NumPy computation."""
 
 from __future__ import annotations
 
@@ -55,6 +55,18 @@ def test_face_distance_matches_the_hw_torch_expression(embeddings) -> None:
     metric = FaceDistance(torch.tensor(reference))
     metric.update([None if g is None else torch.tensor(g) for g in generated])
     assert metric.compute().item() == pytest.approx(hw, abs=1e-6)
+
+
+def test_per_face_distances_average_to_the_face_distance(embeddings) -> None:
+    reference, generated = embeddings
+    metric = FaceDistance(reference)
+    per_face = metric.per_face(generated)
+    for g, d in zip(generated, per_face, strict=True):
+        # Each face's own terms of the pairwise formula: its mean distance to the references.
+        assert d is None if g is None else d == pytest.approx(_numpy_face_distance([g], reference), rel=1e-12)
+    assert metric.faces == 0  # per_face leaves the state alone
+    metric.update(generated)
+    assert metric.compute().item() == pytest.approx(np.mean([d for d in per_face if d is not None]), rel=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")  # compute before update on purpose

@@ -202,4 +202,44 @@ def test_huge_photos_reach_the_detector_shrunk_and_keep_their_identity(face_mode
     face_model.embed([huge])
     face_model.embed_files([tmp_path / "huge.png", tmp_path / "small.png"])
     assert seen[0] == seen[1] == (MAX_DETECTOR_SIDE, MAX_DETECTOR_SIDE, 3)
-    assert seen[2] == str(tmp_path / "small.png")  # ordinary photos are read as the HW read them
+    assert seen[2] == (512, 512, 3)  # ordinary photos as they are: pixels too, never a path
+
+
+def test_non_ascii_paths_embed_and_score_like_ascii_ones(face_model: FaceModel, tmp_path: Path) -> None:
+    from metrics.identity_scorer import IdentityScorer
+
+    ascii_file = tmp_path / "photos" / "brad pitt 1.jpg"
+    unicode_file = tmp_path / "照片" / "布拉德 皮特 1.jpg"
+    for file in (ascii_file, unicode_file):
+        file.parent.mkdir()
+    Image.fromarray(data.astronaut()).save(ascii_file, quality=90)
+    unicode_file.write_bytes(ascii_file.read_bytes())  # the very same bytes under a Chinese name
+    # deepface itself refuses such a path: what this test guards against.
+    with pytest.raises(ValueError, match="non-english"):
+        face_model._deepface().represent(str(unicode_file), model_name="Dlib", detector_backend="dlib")
+
+    ascii_embedding, unicode_embedding = face_model.embed_files([ascii_file, unicode_file])
+    assert ascii_embedding is not None and np.array_equal(unicode_embedding, ascii_embedding)
+    reference = ReferenceEmbeddings(face_model, tmp_path / "cache").compute([unicode_file])
+    np.testing.assert_array_equal(reference, ascii_embedding[None])
+    images = [Image.fromarray(data.astronaut()), ImageOps.mirror(Image.fromarray(data.astronaut()))]
+    scores = [
+        IdentityScorer(face_model, [file], tmp_path / "cache", include_faceless=False).score(images, ["", ""])
+        for file in (ascii_file, unicode_file)
+    ]
+    assert scores[1].distances == scores[0].distances and scores[1].matches == scores[0].matches == [True, True]
+
+
+def test_files_are_read_as_training_reads_them(face_model: FaceModel, tmp_path: Path) -> None:
+    """An EXIF-rotated photo reaches deepface upright: the pixels of the project's loader, in BGR."""
+    from datamodules.image_caption_dataset import load_rgb
+
+    photo = Image.fromarray(data.astronaut())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the pixels are stored on their side
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.png", exif=exif)
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "rotated.png")), np.asarray(photo))
+    upright = face_model.embed([photo])[0]
+    np.testing.assert_array_equal(face_model.embed_files([tmp_path / "rotated.png"])[0], upright)
+    # The stored pixels, on their side, give another embedding: the test would see a loader that ignores EXIF.
+    assert not np.array_equal(face_model.embed([Image.open(tmp_path / "rotated.png")])[0], upright)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from callbacks.prompt_grid import ROW_HEIGHT
 from datamodules.folder_scan import load_pairs
 from lightning_modules.lora_diffusion import LoRADiffusion
 from lightning_modules.tiny_sd import save_tiny_clip
 from metrics.clip_score import ClipScore
 from metrics.face_model import FaceModel
+from metrics.identity_scorer import IdentityScores
 from train import main
 
 
@@ -62,20 +65,23 @@ def test_fit_logs_metrics_and_images_without_changing_training(args, demo_photos
     assert steps(acc, "val/faceless_count") == [0, 2, 4, 6]
     assert steps(acc, "val/faceless_rate") == [0, 2, 4, 6]
     assert steps(acc, "val/seconds") == [0, 2, 4, 6]
+    # No face is no match: the match rate is defined (0), unlike the face distance.
+    assert [(e.step, e.value) for e in acc.Scalars("val/identity_match_rate")] == [(s, 0.0) for s in (0, 2, 4, 6)]
     # The random tiny model draws no face: face distance and CLIP score are undefined, so not logged (not 0).
     assert not {"val/face_distance", "val/clip_score", "val/rubric_points"} & set(acc.Tags()["scalars"])
     assert all(e.value == 3 for e in acc.Scalars("val/faceless_count"))  # 3 prompts during fit
     # The training photos against themselves: a real face distance from the offline face stack.
     reference = acc.Scalars("reference/face_distance")
     assert len(reference) == 1 and 0 < reference[0].value < 0.5
+    assert [e.value for e in acc.Scalars("reference/identity_match_rate")] == [1.0]  # every photo is the person
     images = acc.Images("val/images")
     assert [e.step for e in images] == [0, 2, 4, 6]
-    assert images[0].height == 3 * 256  # one row per prompt
-    assert sorted(p.name for p in (run / "validation" / "step_000004").glob("*.png")) == [
+    assert images[0].height == 3 * ROW_HEIGHT  # one row per prompt
+    assert sorted(p.name for p in (run / "validation" / "step000004").glob("*.png")) == [
         f"valid_image_{i}.png" for i in range(3)
     ]
     assert (
-        Image.open(run / "validation/step_000004/valid_image_1.png").text["prompt"]
+        Image.open(run / "validation/step000004/valid_image_1.png").text["prompt"]
         == ((demo_photos.parent / "validation_prompts.txt").read_text().splitlines()[1])
     )
     # Validation changed nothing in training: same losses, same LoRA weights (dropout on, so modes matter).
@@ -104,10 +110,11 @@ def photo_generator(photos: Path):
     return generate, pairs
 
 
-def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_path, monkeypatch):
+def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_path, monkeypatch, caplog):
     generate, pairs = photo_generator(demo_photos)
     monkeypatch.setattr(LoRADiffusion, "generate", generate)
-    cli = main(args("validate", tmp_path))
+    with caplog.at_level(logging.INFO):
+        cli = main(args("validate", tmp_path))
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
     images = generate(None, prompts, list(range(len(prompts))))
     # Independent computation of the HW formulas from the face model's raw embeddings.
@@ -121,6 +128,12 @@ def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_p
     faced = [i for i, e in enumerate(generated) if e is not None]
     expected_clip = float(clip.scores([images[i] for i in faced], [prompts[i] for i in faced]).mean())
     assert len(with_face) == len(prompts) - 1  # the blank image has no face
+    # The person or not: each face's mean distance to the training faces within deepface's own Dlib threshold.
+    from deepface.config.threshold import thresholds
+
+    threshold = thresholds["Dlib"]["euclidean_l2"]
+    matches = sum(np.mean([np.linalg.norm(norm(g) - norm(r)) for r in reference]) <= threshold for g in with_face)
+    assert matches == len(with_face)  # real photos of the person, all of them
 
     acc = events(Path(cli.trainer.log_dir))
     logged = {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()["scalars"] if tag.startswith("val/")}
@@ -128,7 +141,11 @@ def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_p
     assert logged["val/clip_score"] == pytest.approx(expected_clip, rel=1e-4, abs=1e-4)
     assert logged["val/faceless_count"] == 1
     assert logged["val/faceless_rate"] == pytest.approx(1 / len(prompts))
-    assert logged["val/rubric_points"] == 10  # same person: far below 1.20
+    assert logged["val/identity_match_rate"] == pytest.approx(matches / len(prompts))  # faceless: not the person
+    # Dlib is not the rubric's model: no points logged, and the summary says why.
+    assert "val/rubric_points" not in logged
+    assert "rubric n/a: rubric needs GhostFaceNet, not Dlib" in caplog.text
+    assert f"the person in {matches}/{len(prompts)} (Dlib euclidean_l2 distance <= {threshold:.3f})" in caplog.text
 
 
 def test_best_identity_checkpoint(args, demo_photos, tiny_clip, tmp_path, monkeypatch):
@@ -145,6 +162,7 @@ def test_best_identity_checkpoint(args, demo_photos, tiny_clip, tmp_path, monkey
             *extra,
             "--validation.min_clip_score=-1000",
             "--validation.max_faceless_fraction=0.34",
+            "--validation.best_by=identity_match_rate",
         )
     )
     best = Path(cli.trainer.log_dir) / "checkpoints" / "best_identity.ckpt"
@@ -153,6 +171,69 @@ def test_best_identity_checkpoint(args, demo_photos, tiny_clip, tmp_path, monkey
     assert saved["global_step"] == 0
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("IdentityValidation"))
     assert math.isfinite(state["best_face_distance"])
+    assert state["best_identity_match_rate"] == pytest.approx(2 / 3)  # 2 photos of the person, 1 blank image
+
+
+def _scores(
+    face_distance: float, matched: int, faceless: int = 0, images: int = 4, clip_score: float = 30.0
+) -> IdentityScores:
+    distances = [None] * faceless + [0.1] * matched + [0.9] * (images - faceless - matched)
+    return IdentityScores(
+        face_distance=face_distance,
+        clip_score=clip_score,
+        faceless_count=faceless,
+        images=images,
+        distances=distances,
+        matches=[d is not None and d < 0.5 for d in distances],
+        identity_match_rate=matched / images,
+        threshold=0.5,
+        face_model="Dlib",
+    )
+
+
+@pytest.mark.parametrize(
+    ("best_by", "expected"),
+    [
+        # (face distance, matching images) per validation; which ones become the best in turn.
+        ("face_distance", [True, True, False, False, False]),
+        ("identity_match_rate", [True, False, True, True, False]),
+    ],
+)
+def test_best_by_ranks_validations(best_by: str, expected: list[bool]) -> None:
+    from callbacks.identity_validation import IdentityValidation
+
+    callback = IdentityValidation(best_by=best_by)
+    validations = [
+        _scores(0.40, matched=2),
+        _scores(0.30, matched=1),  # closer on average, fewer images of the person
+        _scores(0.35, matched=3),  # more images of the person
+        _scores(0.33, matched=3),  # as many, and closer: the tie goes to the face distance
+        _scores(0.20, matched=4, clip_score=21.0),  # the best numbers, but below the CLIP floor (22)
+    ]
+    seen = []
+    for scores in validations:
+        better = callback.is_better(scores)
+        if better:  # as _report does
+            callback.best_face_distance = scores.face_distance
+            callback.best_identity_match_rate = scores.identity_match_rate
+        seen.append(better)
+    assert seen == expected
+    with pytest.raises(ValueError, match="best_by"):
+        IdentityValidation(best_by="clip_score")
+
+
+def test_grid_shows_each_verdict_under_its_image() -> None:
+    from callbacks.prompt_grid import LABEL, MATCH_COLOUR, NO_MATCH_COLOUR, ROW, prompt_grid
+
+    scores = _scores(0.5, matched=1, faceless=1, images=3)  # faceless, the person, not the person
+    images = [Image.new("RGB", (64, 64), c) for c in ("black", "gray", "white")]
+    grid = np.asarray(prompt_grid(images, ["a", "b", "c"], scores.labels(), scores.matches))
+    assert grid.shape[0] == 3 * (ROW + LABEL)
+    for row, match in enumerate(scores.matches):
+        strip = grid[row * (ROW + LABEL) + ROW : (row + 1) * (ROW + LABEL), :ROW].reshape(-1, 3)
+        colours, counts = np.unique(strip, axis=0, return_counts=True)
+        assert tuple(colours[counts.argmax()]) == (MATCH_COLOUR if match else NO_MATCH_COLOUR)
+        assert (strip == 255).all(axis=1).any()  # white label text drawn on the strip
 
 
 def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
@@ -220,7 +301,9 @@ def test_reference_scores_see_photos_as_training_does(demo_photos, tmp_path, mon
     callback = IdentityValidation()
     callback._pairs = [Pair(tmp_path / "rotated.jpg", "a"), Pair(tmp_path / "deep.png", "b")]
     seen = []
-    scores = SimpleNamespace(as_metrics=lambda stage: {}, face_distance=float("nan"), images=2)
+    scores = SimpleNamespace(
+        as_metrics=lambda stage: {}, face_distance=float("nan"), images=2, matches=[], face_model="Dlib", threshold=0.4
+    )
     callback.scorer = SimpleNamespace(score=lambda images, captions: seen.extend(images) or scores)
     callback._log_reference(SimpleNamespace(loggers=[]))
     for image, pair in zip(seen, callback._pairs, strict=True):

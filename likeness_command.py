@@ -1,0 +1,170 @@
+"""The ``likeness`` command: ``likeness fit|validate|test|predict|export …``, short help, typos answered.
+
+``likeness fit …`` is ``python train.py fit …`` (LightningCLI); ``likeness export CKPT`` is
+:mod:`callbacks.checkpoint_export`. Importing this module also quiets what libraries print while they are imported
+or load weights and that a user cannot act on (issue #10): transformers' torchvision notices (likeness does not
+use torchvision), its weight-loading bars, and Lightning's product tips.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+SUBCOMMANDS = {
+    "fit": "train a LoRA (validates every validation.every_n_steps, exports LoRA files)",
+    "validate": "generate and score the validation prompts with a checkpoint",
+    "test": "generate and score all validation prompts with a checkpoint (the HW's 25)",
+    "predict": "generate images for prompts with a checkpoint",
+    "export": "write the LoRA files (diffusers, kohya/A1111/ComfyUI) of a checkpoint",
+}
+# The settings a user changes first, as `likeness fit --help` lists them; `--help-all` shows every one.
+MAIN_SETTINGS = (
+    ("--config FILE", "configs/brad.yaml (HW10), configs/demo.yaml; repeat to add an overlay (configs/t4.yaml)"),
+    ("--data.data_dir DIR", "the photos: NAME.jpg beside its caption NAME.txt"),
+    ("--data.validation_prompts FILE", "validation prompts, one per line"),
+    ("--model.pretrained_model_name_or_path ID", "SD1.5 base: Hub id, diffusers folder or .safetensors file"),
+    ("--trainer.max_steps N", "optimizer steps to train"),
+    ("--data.batch_size N", "photos per step"),
+    ("--data.resolution N", "training image side"),
+    ("--model.lora_rank N", "LoRA rank (with --model.lora_alpha)"),
+    ("--model.optimizer.init_args.lr LR", "learning rate (--model.text_encoder_lr for the text encoder)"),
+    ("--model.lr_scheduler NAME", "constant, cosine, cosine_with_restarts, ... (diffusers' get_scheduler)"),
+    ("--validation.every_n_steps N", "generate and score the validation prompts every N steps"),
+    ("--validation.face_model NAME", "Dlib (offline, default) or GhostFaceNet (the HW's)"),
+    ("--ckpt_path CKPT", "resume: a .ckpt, a run folder, or `last` (the newest run's last.ckpt)"),
+    ("--trainer.logger.init_args.name NAME", "run name: logs/NAME/version_N"),
+    ("--print_config", "print every setting's value and stop"),
+)
+# LightningCLI's own top-level optimizer options replace the model's optimizer and schedule without a word.
+MOVED = {
+    "--optimizer": "the optimizer is model.optimizer: --model.optimizer torch.optim.AdamW "
+    "--model.optimizer.init_args.lr 1e-4 (in a config file: under model:)",
+    "--lr_scheduler": "the schedule is model.lr_scheduler, with model.lr_warmup_steps and model.lr_num_cycles "
+    "(in a config file: under model:)",
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def quiet_library_noise() -> None:
+    """Silence library messages that need no action; idempotent."""
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars for a few-second load
+    noise = _DropMessages("requires torchvision", "💡 Tip:")
+    for name in ("transformers", "lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        for handler in [*logger.handlers, logger]:
+            if not any(isinstance(f, _DropMessages) for f in handler.filters):
+                handler.addFilter(noise)
+
+
+quiet_library_noise()
+
+
+class LikenessParser(LightningArgumentParser):
+    """LightningCLI's parser with errors a newcomer can act on: no 100-line usage, the nearest valid setting.
+
+    Abbreviations are off: argparse would take ``--trainer.max_step 5`` for ``--trainer.max_steps`` and
+    ``--data.res`` for whichever option it happens to prefix; a typo is answered instead.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        # "--optimizer x" on the command line, "'optimizer.init_args.lr'" from a config file's top-level key
+        hints = [f"  {moved}" for given, moved in MOVED.items() if re.search(rf"(--|'){given[2:]}\b", message)]
+        if not hints:
+            hints = [f"  did you mean {guess}?" for guess in suggestions(message, option_names(parser))]
+        prog = parser.prog.replace(" [options]", "")
+        command = prog if " " in prog else f"{prog} COMMAND"
+        print(
+            f"error: {message.strip()}",
+            *hints,
+            f"(`{command} --help` lists the main settings)",
+            sep="\n",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def option_names(parser: LightningArgumentParser) -> list[str]:
+    """Every ``--option`` a parser (and its subcommand parsers) accepts."""
+    names = []
+    for action in parser._actions:
+        names += [s for s in action.option_strings if s.startswith("--")]
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, LightningArgumentParser):
+                names += option_names(sub)
+    return names
+
+
+def suggestions(message: str, valid: Sequence[str], n: int = 1) -> list[str]:
+    """The valid options nearest to the unknown ones an error message names (``--data.dat_dir``, ``'data.dat_dir'``)."""
+    guesses = []
+    for unknown in re.findall(r"(?:--|')([A-Za-z_][\w.]*)", message):
+        for guess in difflib.get_close_matches(f"--{unknown}", valid, n=n, cutoff=0.75):
+            if guess != f"--{unknown}" and guess not in guesses:
+                guesses.append(guess)
+    return guesses
+
+
+def short_help(subcommand: str | None) -> str:
+    if subcommand is None:
+        lines = ["usage: likeness {fit,validate,test,predict,export} ...", ""]
+        lines += [f"  {name:<10}{what}" for name, what in SUBCOMMANDS.items()]
+        lines += ["", "`likeness fit --help`: the settings that matter; README.md: the whole story."]
+        return "\n".join(lines)
+    lines = [f"usage: likeness {subcommand} --config FILE [--SETTING VALUE ...]", "", SUBCOMMANDS[subcommand], ""]
+    lines += [f"  {option:<42}{what}" for option, what in MAIN_SETTINGS]
+    lines += [
+        "",
+        f"Every setting: `likeness {subcommand} --help-all`. README's 'Config keys that matter' explains them.",
+    ]
+    return "\n".join(lines)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``likeness`` console script (and of ``python train.py``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    if subcommand == "export":
+        from callbacks.checkpoint_export import main as export_main
+
+        export_main(argv[1:])
+        return
+    if subcommand is None and (not argv or argv[0] in ("-h", "--help")):
+        print(short_help(None))
+        raise SystemExit(0 if argv else 2)
+    if subcommand and any(a in ("-h", "--help") for a in argv[1:]):
+        print(short_help(subcommand))
+        raise SystemExit(0)
+    argv = ["--help" if a == "--help-all" else a for a in argv]
+
+    from train import main
+
+    main(argv)
+
+
+if __name__ == "__main__":
+    cli()
