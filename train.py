@@ -23,7 +23,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -33,6 +33,7 @@ from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.run_folders import resolve_checkpoint
+from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.finite import check_finite
@@ -160,6 +161,9 @@ class LikenessCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a checkpoint_io the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        default_bar = trainer.progress_bar_callback
+        if type(default_bar) in (RichProgressBar, TQDMProgressBar):  # Lightning's own (a user's bar stays)
+            trainer.callbacks[trainer.callbacks.index(default_bar)] = StepProgressBar()
         return trainer
 
 

@@ -360,7 +360,10 @@ class LoRADiffusion(L.LightningModule):
         """One image per prompt with the in-memory (LoRA) UNet and text encoder; seed ``seeds[i]`` for image i."""
         hp = self.hparams
         pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
-        pipeline.set_progress_bar_config(disable=True)
+        # A bar over the denoising steps where the run shows progress (the CLI, not the tests).
+        trainer = self._trainer
+        bar = trainer is not None and trainer.progress_bar_callback is not None and not trainer.sanity_checking
+        pipeline.set_progress_bar_config(disable=not bar, leave=False, desc=f"generating {len(prompts)} images")
         size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
         return self.batched_generation(
             pipeline,
