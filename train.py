@@ -24,7 +24,7 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
@@ -32,7 +32,7 @@ from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
-from callbacks.run_folders import resolve_checkpoint
+from callbacks.run_folders import resolve_checkpoint, run_folder_of
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from datamodules.face_data_module import FaceDataModule
@@ -70,6 +70,17 @@ def _runs_folder(trainer_config: Any) -> Path:
     logger = _plain(trainer_config.get("logger"))
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
     return Path(init.get("save_dir") or "logs") / str(init.get("name") or "likeness")
+
+
+class RunConfig(SaveConfigCallback):
+    """``config.yaml`` for ``fit``; ``config_<command>.yaml`` for the commands that write into a trained run's folder
+    (its training config stays as it was)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
+        if stage != "fit":
+            self.config_filename = f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class LikenessCLI(LightningCLI):
@@ -151,11 +162,22 @@ class LikenessCLI(LightningCLI):
                 + "\n  ".join(conflicts)
                 + "\nUse the config it was trained with (its copy is config.yaml in the run's log folder)."
             )
-        if changes:
+        if changes and subcommand == "fit":  # test/predict with other prompts or data settings is the point
             rank_zero_warn(
                 "Settings differ from the checkpoint; the config's values apply from the resumed step on:\n  "
                 + "\n  ".join(changes)
             )
+
+    def before_instantiate_classes(self) -> None:
+        """validate/test/predict of a checkpoint log and write into the run it comes from, not a new version_N."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        logger = self.config[subcommand]["trainer"].get("logger") if ckpt_path else None
+        if subcommand == "fit" or not isinstance(logger, Namespace | dict) or "init_args" not in logger:
+            return
+        run = run_folder_of(Path(ckpt_path))
+        logger["init_args"]["save_dir"], logger["init_args"]["name"] = str(run.parent), ""
+        logger["init_args"]["version"] = run.name
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
@@ -188,6 +210,7 @@ def main(args: list[str] | None = None) -> LikenessCLI:
             # The model configures its own optimizer and schedule (model.optimizer, model.lr_scheduler); LightningCLI's
             # top-level --optimizer/--lr_scheduler would replace both without a word (issue #10).
             auto_configure_optimizers=False,
+            save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "logger": {

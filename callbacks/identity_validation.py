@@ -180,7 +180,8 @@ class IdentityValidation(L.Callback):
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         folder = run_dir / ("validation" if stage == "val" else stage)
-        names = save_images(folder / step_folder(step) if stage == "val" else folder, images, prompts, stage)
+        # Each validation, and each checkpoint tested, in its own step folder: a second test does not overwrite.
+        names = save_images(folder / step_folder(step), images, prompts, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 grid = prompt_grid(images, prompts, scores.labels(), scores.matches)

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.export_facts import step_folder
 from callbacks.prompt_grid import save_png
 from callbacks.run_folders import log_dir
 
@@ -17,7 +18,8 @@ class ImageWriter(BasePredictionWriter):
     """Writes ``<prompt index>_<image index>.png`` for every predicted image.
 
     Args:
-        output_dir: folder for the images; default ``<log dir>/predict``.
+        output_dir: folder for the images; default ``<run folder>/predict/step<NNNNNN>``, in the folder of the
+            run the checkpoint comes from (the checkpoint's step).
     """
 
     def __init__(self, output_dir: str | None = None) -> None:
@@ -25,7 +27,9 @@ class ImageWriter(BasePredictionWriter):
         self.output_dir = output_dir
 
     def folder(self, trainer: L.Trainer) -> Path:
-        return Path(self.output_dir) if self.output_dir else log_dir(trainer) / "predict"
+        if self.output_dir:
+            return Path(self.output_dir)
+        return log_dir(trainer) / "predict" / step_folder(trainer.lightning_module.loaded_step)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0

@@ -18,6 +18,13 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     return Path(dirpath) if dirpath else log_dir(trainer) / "checkpoints"
 
 
+def run_folder_of(ckpt_path: Path) -> Path:
+    """The run folder a checkpoint belongs to: ``logs/<name>/version_N`` for ``.../version_N/checkpoints/x.ckpt``,
+    else the checkpoint's own folder."""
+    folder = ckpt_path.expanduser().resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def resolve_checkpoint(ckpt_path: str, runs_folder: Path) -> Path:
     """The checkpoint file that ``--ckpt_path`` means, or a ``ValueError`` that says what to give instead.
 

@@ -240,9 +240,14 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     fit = main(args("fit", tmp_path, "--trainer.max_steps=1", "--validation.baseline=false"))
     ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
+    run = Path(fit.trainer.log_dir)
+    config = (run / "config.yaml").read_text()
     test = main(args("test", tmp_path, f"--ckpt_path={ckpt}"))
-    test_dir = Path(test.trainer.log_dir) / "test"
-    acc = events(Path(test.trainer.log_dir))
+    # Beside the run it scored (issue #10): no new version_N, the training config.yaml untouched.
+    assert Path(test.trainer.log_dir) == run and (run / "config.yaml").read_text() == config
+    assert (run / "config_test.yaml").is_file() and sorted(p.name for p in run.parent.iterdir()) == [run.name]
+    test_dir = run / "test" / "step000001"  # the checkpoint's step
+    acc = events(run)
     assert steps(acc, "test/faceless_count") == [1]  # logged at the checkpoint's step
     assert acc.Scalars("test/seconds")[0].value > 0
     assert sorted(p.name for p in test_dir.glob("*.png")) == sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
@@ -260,6 +265,7 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     )
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["000_00.png", "000_01.png", "001_00.png", "001_01.png"]
+    assert sorted(p.name for p in run.parent.iterdir()) == [run.name]  # predict made no run folder either
     meta = [Image.open(f).text for f in files]
     assert [m["prompt"] for m in meta] == ["a photo of eileen"] * 2 + ["eileen on the moon"] * 2
     assert len({m["seed"] for m in meta}) == 4  # each image its own seed
