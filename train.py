@@ -32,7 +32,7 @@ from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
-from callbacks.run_folders import resolve_checkpoint, run_folder_of
+from callbacks.run_folders import DropEmptyRun, resolve_checkpoint, run_folder_of
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from datamodules.face_data_module import FaceDataModule
@@ -183,6 +183,8 @@ class LikenessCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a checkpoint_io the user chose
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        logger_dir = getattr(trainer.logger, "log_dir", None)
+        trainer.callbacks.append(DropEmptyRun(Path(logger_dir) if logger_dir else None))
         default_bar = trainer.progress_bar_callback
         if type(default_bar) in (RichProgressBar, TQDMProgressBar):  # Lightning's own (a user's bar stays)
             trainer.callbacks[trainer.callbacks.index(default_bar)] = StepProgressBar()

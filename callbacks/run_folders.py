@@ -60,3 +60,36 @@ def resolve_checkpoint(ckpt_path: str, runs_folder: Path) -> Path:
             "position a resume needs. Give a .ckpt from the run's checkpoints/ folder."
         )
     return path
+
+
+class DropEmptyRun(L.Callback):
+    """A command that fails before it wrote anything leaves no ``version_N`` behind (issue #10).
+
+    "Anything": a checkpoint, image, LoRA file or metric. Folders that existed before the command (test or predict
+    writing into a trained run) are never touched.
+
+    Args:
+        run_dir: the run folder the logger will write to; ``None``: no logger.
+    """
+
+    # What LightningCLI and the logger write at start-up, before the first step.
+    _START_UP_FILES = ("events.out.tfevents.*", "config*.yaml", "hparams.yaml")
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.run_dir = run_dir
+        self.new = run_dir is not None and not run_dir.exists()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not (self.new and trainer.is_global_zero and self.run_dir.is_dir()):
+            return
+        start_up = {p for pattern in self._START_UP_FILES for p in self.run_dir.glob(pattern)}
+        contents = set(self.run_dir.iterdir())
+        if contents <= start_up and all(p.is_file() for p in contents) and not _has_scalars(start_up):
+            for path in contents:
+                path.unlink()
+            self.run_dir.rmdir()
+
+
+def _has_scalars(files: set[Path]) -> bool:
+    """Whether any TensorBoard event file in ``files`` holds a logged value (more than its file header)."""
+    return any(p.name.startswith("events.out.tfevents.") and p.stat().st_size > 200 for p in files)

@@ -146,6 +146,12 @@ def test_bad_data_folder_is_one_clear_error(demo_cli, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "lonely.txt" in err and "Traceback" not in err
+    # A failed start leaves no empty run folder (issue #10); a run folder that existed is kept.
+    assert not list((tmp_path / "demo").glob("version_*"))
+    (tmp_path / "demo" / "version_0").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(demo_cli("fit", tmp_path, photos=photos))
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["version_0"]  # version_1 came and went
 
 
 def test_missing_face_model_fails_at_start_up(demo_cli, tmp_path, capsys, monkeypatch):
