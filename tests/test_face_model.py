@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from public_faces import lfw_faces
 from skimage import data
 
 from metrics.face_model import FaceModel
@@ -44,14 +45,7 @@ def _astronaut_variants() -> list[Image.Image]:
 
 
 def _other_faces(count: int = 8) -> list[Image.Image]:
-    faces = data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
-    out = []
-    for crop in faces[:: 100 // count][:count]:
-        face = Image.fromarray((crop * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC)
-        canvas = Image.new("L", (200, 200), 128)  # a margin: the detector needs the face inside the image
-        canvas.paste(face, (50, 50))
-        out.append(canvas.convert("RGB"))
-    return out
+    return lfw_faces(count)
 
 
 def test_check_installs_bundled_weights(face_model: FaceModel) -> None:
