@@ -72,6 +72,33 @@ def _runs_folder(trainer_config: Any) -> Path:
     return Path(init.get("save_dir") or "logs") / str(init.get("name") or "likeness")
 
 
+def _check_before_loading(subcommand: str, config: Namespace) -> None:
+    """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
+    files, and an 8-bit optimizer on a machine that cannot run it (issue #9)."""
+    from datamodules.face_data_module import read_prompts
+    from datamodules.folder_scan import load_pairs
+
+    data = config["data"]
+    if subcommand == "fit":
+        with warnings.catch_warnings():  # skipped files are reported once, when the data module sets up
+            warnings.simplefilter("ignore")
+            load_pairs(data["data_dir"], data["skip_bad_files"])
+    if subcommand in ("fit", "validate", "test"):
+        read_prompts(_plain(data["validation_prompts"]), "data.validation_prompts")
+    if subcommand == "predict" and data.get("predict_prompts") is not None:
+        read_prompts(_plain(data["predict_prompts"]), "data.predict_prompts")
+    optimizer = str(_class_path(config["model"].get("optimizer")) or "")
+    if optimizer.startswith("bitsandbytes."):
+        accelerator = str(config["trainer"].get("accelerator") or "auto")
+        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        if not on_cuda:
+            raise ValueError(
+                f"model.optimizer {optimizer}: bitsandbytes' 8-bit optimizers run on CUDA GPUs only, and this run "
+                f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
+                "optimizer for a GPU with little memory."
+            )
+
+
 class RunConfig(SaveConfigCallback):
     """``config.yaml`` for ``fit``; ``config_<command>.yaml`` for the commands that write into a trained run's folder
     (its training config stays as it was)."""
@@ -169,8 +196,11 @@ class LikenessCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        """validate/test/predict of a checkpoint log and write into the run it comes from, not a new version_N."""
+        """Check what is quick to check before the base model loads; validate/test/predict of a checkpoint log and
+        write into the run it comes from, not a new version_N."""
         subcommand = self.config.get("subcommand")
+        if subcommand:
+            _check_before_loading(subcommand, self.config[subcommand])
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         logger = self.config[subcommand]["trainer"].get("logger") if ckpt_path else None
         if subcommand == "fit" or not isinstance(logger, Namespace | dict) or "init_args" not in logger:

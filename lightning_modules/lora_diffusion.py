@@ -19,7 +19,7 @@ from lightning_modules.base_model import load_base_model
 from lightning_modules.diffusion_loss import diffusion_loss, sample_latents
 from lightning_modules.finite import check_finite
 from lightning_modules.generation import BatchedGeneration
-from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast
+from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast, use_compile_cache
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -67,6 +67,9 @@ class LoRADiffusion(L.LightningModule):
         compile: compile the UNet's repeated transformer blocks with ``torch.compile`` (regional compilation:
             seconds to compile instead of minutes for the whole UNet). Worth it on a GPU; off by default.
         compile_mode: ``torch.compile`` mode, e.g. ``reduce-overhead`` for CUDA graphs; default: torch's.
+        compile_cache_dir: where compiled kernels and graphs are kept between runs, so a second run or a resume
+            starts in seconds; default ``~/.cache/likeness/torch_compile``. ``TORCHINDUCTOR_CACHE_DIR`` set in
+            the environment wins.
         gradient_checkpointing: recompute activations in the backward pass: less memory, slower steps.
     """
 
@@ -100,6 +103,7 @@ class LoRADiffusion(L.LightningModule):
         generation_seed: int = 0,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_cache_dir: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -166,6 +170,7 @@ class LoRADiffusion(L.LightningModule):
             # Regional compilation (diffusers' `compile_repeated_blocks`, PyTorch's regional compilation recipe):
             # the 16 transformer blocks share a handful of shapes, so compiling them costs a fraction of a
             # whole-UNet compile (150-190 s on an H100, issue #9) for most of the speed-up.
+            use_compile_cache(compile_cache_dir)
             self.unet.compile_repeated_blocks(mode=compile_mode)
 
     def _lora_config(self, targets: list[str]) -> LoraConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -209,3 +210,32 @@ def test_bad_files_can_be_skipped_and_bom_is_not_a_token(demo_cli, demo_photos, 
         )
     captions = {pair.image.stem: pair.caption for pair in cli.datamodule.pairs}
     assert "tiny" not in captions and captions[stem] == "a photo of eileen"
+
+
+def test_data_folder_is_checked_before_the_base_model_loads(demo_cli, tmp_path, capsys):
+    # A typo in the folder is answered in seconds, not after a minute of loading SD1.5 (issue #10).
+    err = run_bad(
+        demo_cli,
+        tmp_path,
+        capsys,
+        ["--model.pretrained_model_name_or_path=/no/such/model"],
+        photos=tmp_path / "no-photos",
+    )
+    assert "no-photos" in err and "/no/such/model" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_8bit_optimizer_on_cpu_is_refused_before_loading(demo_cli, tmp_path, capsys, monkeypatch):
+    # A stand-in for bitsandbytes, so that the class path parses as it does where bitsandbytes is installed.
+    package = tmp_path / "fake" / "bitsandbytes"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "optim.py").write_text("import torch\n\nclass AdamW8bit(torch.optim.AdamW):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    args = ["--model.optimizer=bitsandbytes.optim.AdamW8bit", "--model.pretrained_model_name_or_path=/no/such/model"]
+    try:
+        err = run_bad(demo_cli, tmp_path, capsys, args)
+    finally:  # libraries ask find_spec whether bitsandbytes exists, and it answers from sys.modules first
+        for name in [n for n in sys.modules if n.split(".")[0] == "bitsandbytes"]:
+            del sys.modules[name]
+    assert "model.optimizer bitsandbytes.optim.AdamW8bit" in err and "CUDA" in err, err

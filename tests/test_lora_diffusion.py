@@ -217,12 +217,16 @@ def test_fused_adam_where_the_config_chose_no_implementation():
 
 
 @pytest.mark.slow
-def test_compiled_unet_blocks_train_like_eager(tiny_sd, tiny_tokenizer):
+def test_compiled_unet_blocks_train_like_eager(tiny_sd, tiny_tokenizer, tmp_path, monkeypatch):
+    # Compiled kernels go to the configured cache folder (kept between runs), not to /tmp.
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(variable, "unset")  # recorded, so the test's change is undone afterwards
+        monkeypatch.delenv(variable)
     batch = _live_batch(tiny_tokenizer)
     losses = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = LoRADiffusion(str(tiny_sd), compile=compiled)
+        model = LoRADiffusion(str(tiny_sd), compile=compiled, compile_cache_dir=str(tmp_path / "compiled"))
         assert any(getattr(m, "_compiled_call_impl", None) for m in model.unet.modules()) == compiled
         loss = model.training_step(batch, 0)
         loss.backward()
@@ -230,3 +234,4 @@ def test_compiled_unet_blocks_train_like_eager(tiny_sd, tiny_tokenizer):
     torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-4, atol=1e-6)
     for name, grad in losses[False][1].items():
         torch.testing.assert_close(losses[True][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert any((tmp_path / "compiled").rglob("*")), "nothing compiled into the cache folder"
