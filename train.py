@@ -13,9 +13,11 @@ from __future__ import annotations
 from likeness_command import LikenessParser, cli
 # isort: on
 
+import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,19 +223,55 @@ class LikenessCLI(LightningCLI):
         return trainer
 
 
-def main(args: list[str] | None = None) -> LikenessCLI:
+class _Parsed(Exception):  # a signal that parsing is done, not an error
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnlyCLI(LikenessCLI):
+    """Reads and checks the settings like ``fit`` and stops before anything is built (``likeness prefetch``)."""
+
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config[self.config["subcommand"]])
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Bad input: one clear message and exit code 2, not a traceback. Everything written so far stays valid."""
     from datamodules.folder_scan import DataFolderError
     from lightning_modules.base_model import BaseModelError
     from metrics.clip_score import ClipModelError
     from metrics.face_model import FaceModelError
 
+    try:
+        yield
+    except (
+        DataFolderError,
+        BaseModelError,
+        FaceModelError,
+        ClipModelError,
+        CheckpointWriteError,
+        MisconfigurationException,
+        OSError,  # FileNotFoundError, a full disk (ENOSPC) while exporting: the message names the file
+        ValueError,
+        KeyError,
+    ) as err:
+        if os.environ.get("LIKENESS_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+def _cli(cli_class: type[LikenessCLI], args: list[str] | None) -> LikenessCLI:
     torch.set_float32_matmul_precision("high")
     # FaceDataModule's EpochSampler does resume mid-epoch (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # The `likeness` command hands LightningCLI the arguments it read from sys.argv itself.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    try:
-        return LikenessCLI(
+    with reported_errors():
+        return cli_class(
             LoRADiffusion,
             FaceDataModule,
             args=args,
@@ -257,23 +295,32 @@ def main(args: list[str] | None = None) -> LikenessCLI:
                 "log_every_n_steps": 10,
             },
         )
-    except (
-        DataFolderError,
-        BaseModelError,
-        FaceModelError,
-        ClipModelError,
-        CheckpointWriteError,
-        MisconfigurationException,
-        OSError,  # FileNotFoundError, a full disk (ENOSPC) while exporting: the message names the file
-        ValueError,
-        KeyError,
-    ) as err:
-        # Bad input: one clear message, not a traceback. Everything written so far stays valid.
-        if os.environ.get("LIKENESS_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
-        raise SystemExit(2) from err
+
+
+def main(args: list[str] | None = None) -> LikenessCLI:
+    """``likeness fit|validate|test|predict …``: LightningCLI with the project's model, data and callbacks."""
+    return _cli(LikenessCLI, args)
+
+
+def prefetch_main(args: list[str]) -> None:
+    """``likeness prefetch --config C``: download the base, CLIP and face models that ``fit`` with C needs."""
+    from lightning_modules.model_prefetch import PrefetchSettings, prefetch
+
+    try:
+        _cli(_ParseOnlyCLI, ["fit", *args])
+    except _Parsed as parsed:
+        model, validation = parsed.config["model"], parsed.config["validation"]
+        settings = PrefetchSettings(
+            base_model=model["pretrained_model_name_or_path"],
+            revision=model.get("revision"),
+            variant=model.get("variant"),
+            model_config=model.get("model_config"),
+            clip_model=validation.get("clip_model"),
+            face_model=validation.get("face_model"),
+            face_detector=validation.get("face_detector"),
+        )
+        with reported_errors():
+            prefetch(settings)
 
 
 if __name__ == "__main__":

@@ -23,24 +23,19 @@ from diffusers.loaders.single_file_utils import (
     create_diffusers_clip_model_from_ldm,
     infer_diffusers_model_type,
 )
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from lightning_modules.hub_access import HubAccessError, hub_local_only, not_cached_message
+
+SETTING = "model.pretrained_model_name_or_path"
 
 # SD1.5's diffusers configs (no weights) for single-file checkpoints loaded without a `config` folder.
 SD15_CONFIG_DIR = Path(__file__).parent / "model_configs" / "sd15"
 # Where the SD1.5 tokenizer comes from when the config folder has none (it is too big to ship).
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-# One probe with a short timeout: huggingface_hub's own calls retry with backoff for ~25 s without network.
-HUB_PROBE_TIMEOUT_S = 10.0
 # The original (CompVis/LDM) key prefixes of an SD1.x single-file checkpoint.
 LDM_PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -157,18 +152,21 @@ def load_base_model(
             f"diffusers folder or a {'/'.join(CHECKPOINT_SUFFIXES)} file, or give a Hub id "
             f"like '{SD15_HUB_ID}'."
         )
-    local_only = _hub_local_only(name, revision)
+    try:
+        local_only = hub_local_only(name, revision, SETTING, probe_file="model_index.json")
+    except HubAccessError as e:
+        raise BaseModelError(str(e)) from e
     try:
         index_file = hf_hub_download(name, "model_index.json", revision=revision, local_files_only=local_only)
     except LocalEntryNotFoundError as e:
-        raise BaseModelError(_offline_message(name)) from e
+        raise BaseModelError(not_cached_message(name, SETTING)) from e
     except EntryNotFoundError as e:
         raise BaseModelError(
             f"{name}: not a diffusers model repo (no model_index.json). Give the id of an SD1.x diffusers "
             "model, or download its single checkpoint file and point at that file."
         ) from e
     except OSError as e:
-        raise BaseModelError(f"{_offline_message(name)} ({e})") from e
+        raise BaseModelError(f"{not_cached_message(name, SETTING)} ({e})") from e
     index = json.loads(Path(index_file).read_text())
     return _load_diffusers(name, name, index, revision, variant, torch_dtype, local_only)
 
@@ -181,37 +179,6 @@ def _looks_like_path(name: str) -> bool:
         or name.count("/") > 1
         or name.lower().endswith(CHECKPOINT_SUFFIXES)
     )
-
-
-def _offline_message(repo_id: str) -> str:
-    return (
-        f"{repo_id}: cannot download it (offline, HF_HUB_OFFLINE=1, or the Hub is unreachable) and there is "
-        f"no local copy in the Hugging Face cache. On a machine with network run `hf download {repo_id} "
-        f"--local-dir DIR`, copy DIR here and set model.pretrained_model_name_or_path: DIR."
-    )
-
-
-def _hub_local_only(repo_id: str, revision: str | None) -> bool:
-    """Whether to use the local cache only: offline mode, or the Hub does not answer one quick probe."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-        return True
-    try:
-        HfApi().model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
-    except GatedRepoError as e:
-        raise BaseModelError(
-            f"{repo_id}: gated on the Hub. Accept its license on huggingface.co and log in (`hf auth login`)."
-        ) from e
-    except RevisionNotFoundError as e:
-        raise BaseModelError(f"{repo_id}: revision {revision!r} not found on the Hub.") from e
-    except RepositoryNotFoundError as e:
-        raise BaseModelError(
-            f"{repo_id}: not a local path and not a model on the Hub (or a private one: log in with `hf auth login`)."
-        ) from e
-    except HFValidationError as e:
-        raise BaseModelError(f"{repo_id}: neither an existing path nor a valid Hub id ('org/name').") from e
-    except Exception:  # noqa: BLE001 - any network failure: fall back to the cache, which says what's missing
-        return True
-    return False
 
 
 def _read_model_index(folder: Path) -> dict[str, Any]:
@@ -336,11 +303,11 @@ def _load_tokenizer(config_dir: Path) -> CLIPTokenizer:
         tokenizer = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
         return _checked_tokenizer(tokenizer, str(config_dir / "tokenizer"))
     try:
-        local_only = _hub_local_only(SD15_HUB_ID, None)
+        local_only = hub_local_only(SD15_HUB_ID, None, "model.model_config", probe_file="tokenizer/vocab.json")
         snapshot = snapshot_download(SD15_HUB_ID, allow_patterns=["tokenizer/*"], local_files_only=local_only)
         tokenizer = CLIPTokenizer.from_pretrained(Path(snapshot) / "tokenizer", local_files_only=True)
         return _checked_tokenizer(tokenizer, f"{SD15_HUB_ID} (tokenizer)")
-    except (OSError, BaseModelError) as e:
+    except (OSError, HubAccessError) as e:
         raise BaseModelError(
             f"{config_dir}: has no tokenizer, and SD1.5's ({SD15_HUB_ID}, subfolder tokenizer) is neither in "
             "the Hugging Face cache nor downloadable (offline?); single-file checkpoints do not contain "

@@ -9,7 +9,6 @@ embedding is read from, and it loads only a few hard-coded Hub names, not a loca
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torchmetrics import Metric
 from transformers import AutoTokenizer, CLIPModel
+
+from lightning_modules.hub_access import HubAccessError, hub_local_only, hub_offline, not_cached_message
 
 try:  # transformers >= 5: the PIL implementation, the same maths as the HW's (slow) CLIPImageProcessor
     from transformers import CLIPImageProcessorPil as _ImageProcessor
@@ -31,40 +32,42 @@ class ClipModelError(RuntimeError):
     """The CLIP model cannot be loaded; the message says what to do."""
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+SETTING = "validation.clip_model"
+SKIP = f" — or set {SETTING} null to skip the CLIP score (`likeness score`: --clip-model none)"
 
 
 def load_clip(model_name_or_path: str | Path) -> tuple[CLIPModel, object, object]:
-    """Load (model, tokenizer, image processor) from a local folder or a Hub id, with clear errors."""
+    """Load (model, tokenizer, image processor) from a local folder or a Hub id, with clear errors.
+
+    A Hub id comes from the local cache when it is there, without the network; otherwise one quick probe decides
+    (``lightning_modules.hub_access``), so an offline machine fails in seconds, not after a minute of retries.
+    """
     name = str(model_name_or_path)
     path = Path(name).expanduser()
     looks_like_path = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"ClipScore: {path} is not a CLIP model folder (no config.json). Pass a folder written by "
+                f"{SETTING} {path}: not a CLIP model folder (no config.json). Give a folder written by "
                 "CLIPModel.save_pretrained plus its tokenizer and image processor, "
-                f"or a Hub id like {HW_CLIP!r}."
+                f"or a Hub id like {HW_CLIP!r}{SKIP}."
             )
-        source: str | Path = path
+        source, local_only = path, True
     else:
+        try:
+            local_only = hub_local_only(name, None, SETTING)
+        except HubAccessError as err:
+            raise ClipModelError(f"{err}{SKIP}.") from err
         source = name
     try:
-        model = CLIPModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        processor = _ImageProcessor.from_pretrained(source)
+        model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        processor = _ImageProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
-        where = (
-            "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-            if _offline() and not looks_like_path
-            else "see the error above"
-        )
+        if not looks_like_path and (local_only or hub_offline()):
+            raise ClipModelError(f"{not_cached_message(name, SETTING, SKIP)}.") from err
         raise ClipModelError(
-            "ClipScore: could not load the CLIP model, tokenizer or image processor from "
-            f"{name!r} ({where}). "
-            "Run once with network access to cache it, or save it with save_pretrained to a folder and pass "
-            "that folder."
+            f"{SETTING} {name}: could not load the CLIP model, tokenizer or image processor ({err}){SKIP}."
         ) from err
     return model.eval().requires_grad_(False), tokenizer, processor
 

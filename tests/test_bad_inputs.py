@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -239,3 +240,23 @@ def test_8bit_optimizer_on_cpu_is_refused_before_loading(demo_cli, tmp_path, cap
         for name in [n for n in sys.modules if n.split(".")[0] == "bitsandbytes"]:
             del sys.modules[name]
     assert "model.optimizer bitsandbytes.optim.AdamW8bit" in err and "CUDA" in err, err
+
+
+def test_missing_clip_offline_fails_fast_naming_the_setting(demo_cli, tmp_path, capsys, monkeypatch):
+    """No HF_HUB_OFFLINE, a Hub that does not answer, a CLIP not in the cache: seconds, not a minute of retries,
+    and the message names the setting and the way out (issue #11)."""
+    import huggingface_hub.constants
+
+    from lightning_modules import hub_access
+
+    class DeadHub:
+        def model_info(self, *args, **kwargs):
+            raise ConnectionError("no route to host")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_access, "HfApi", DeadHub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    started = time.monotonic()
+    err = run_bad(demo_cli, tmp_path, capsys, ["--validation.clip_model=likeness-test/clip-not-cached"])
+    assert time.monotonic() - started < 10
+    assert "validation.clip_model likeness-test/clip-not-cached" in err and "null" in err, err

@@ -17,6 +17,7 @@ from ldm_layout import ldm_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightning_modules import base_model as bm
+from lightning_modules import hub_access
 from lightning_modules.base_model import BaseModelError, load_base_model
 from lightning_modules.tiny_sd import save_tiny_sd
 
@@ -194,16 +195,19 @@ def test_offline_hub_id_from_cache(hub_cache: str, reference: dict, monkeypatch:
     assert model.source == hub_cache
 
 
-def test_unreachable_hub_uses_cache(hub_cache: str, reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No HF_HUB_OFFLINE, but the Hub does not answer: the cached copy is used, without retries."""
+def test_cached_hub_model_needs_no_network(hub_cache: str, reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HF_HUB_OFFLINE: a model in the local cache loads without asking the Hub (no probe, no retries)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
 
     class DeadHub:
         def model_info(self, *args, **kwargs):
+            asked.append(args)
             raise ConnectionError("no route to host")
 
-    monkeypatch.setattr(bm, "HfApi", DeadHub)
+    monkeypatch.setattr(hub_access, "HfApi", DeadHub)
     assert_same_model(load_base_model(hub_cache), reference)
+    assert not asked
 
 
 def test_offline_hub_id_without_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,7 +222,7 @@ def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     start = time.monotonic()
     with pytest.raises(BaseModelError, match="likeness-test/made-up-model: (cannot download|not a local path)"):
         load_base_model("likeness-test/made-up-model")
-    assert time.monotonic() - start < bm.HUB_PROBE_TIMEOUT_S + 5
+    assert time.monotonic() - start < hub_access.HUB_PROBE_TIMEOUT_S + 5
 
 
 def test_ckpt_with_objects_is_not_unpickled(tmp_path: Path, tiny_dir: Path, ldm_state: dict) -> None:
