@@ -9,6 +9,7 @@ use torchvision), its weight-loading bars, and Lightning's product tips.
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import re
 import sys
@@ -23,6 +24,13 @@ SUBCOMMANDS = {
     "test": "generate and score all validation prompts with a checkpoint (the HW's 25)",
     "predict": "generate images for prompts with a checkpoint",
     "export": "write the LoRA files (diffusers, kohya/A1111/ComfyUI) of a checkpoint",
+    "score": "score images, a LoRA or a checkpoint against the photos: HW numbers, scores.json, scores.csv",
+    "prefetch": "download every model a config needs (base, CLIP, face model), then check each loads offline",
+}
+# Subcommands with their own argparse command line (not LightningCLI): the module whose main(argv) runs them.
+STANDALONE = {
+    "export": "callbacks.checkpoint_export",
+    "score": "metrics.score_command",
 }
 # The settings a user changes first, as `likeness fit --help` lists them; `--help-all` shows every one.
 MAIN_SETTINGS = (
@@ -37,7 +45,12 @@ MAIN_SETTINGS = (
     ("--model.optimizer.init_args.lr LR", "learning rate (--model.text_encoder_lr for the text encoder)"),
     ("--model.lr_scheduler NAME", "constant, cosine, cosine_with_restarts, ... (diffusers' get_scheduler)"),
     ("--validation.every_n_steps N", "generate and score the validation prompts every N steps"),
-    ("--validation.face_model NAME", "Dlib (offline, default) or GhostFaceNet (the HW's)"),
+    (
+        "--validation.face_model NAME",
+        "Dlib (offline, default), SFace (offline, with face_detector yunet), GhostFaceNet (HW)",
+    ),
+    ("--ema.decay D", "EMA of the LoRA weights (e.g. 0.999) for validation, checkpoints and LoRA files"),
+    ("--data.crop face", "crop around the detected face (center, random, face)"),
     ("--ckpt_path CKPT", "resume: a .ckpt, a run folder, or `last` (the newest run's last.ckpt)"),
     ("--trainer.logger.init_args.name NAME", "run name: logs/NAME/version_N"),
     ("--print_config", "print every setting's value and stop"),
@@ -94,6 +107,8 @@ class LikenessParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         # "--optimizer x" on the command line, "'optimizer.init_args.lr'" from a config file's top-level key
         hints = [f"  {moved}" for given, moved in MOVED.items() if re.search(rf"(--|'){given[2:]}\b", message)]
+        if "bitsandbytes" in message:
+            hints.append("  8-bit optimizers need `pip install bitsandbytes` and a CUDA GPU")
         if not hints:
             hints = [f"  did you mean {guess}?" for guess in suggestions(message, option_names(parser))]
         prog = parser.prog.replace(" [options]", "")
@@ -131,10 +146,18 @@ def suggestions(message: str, valid: Sequence[str], n: int = 1) -> list[str]:
 
 def short_help(subcommand: str | None) -> str:
     if subcommand is None:
-        lines = ["usage: likeness {fit,validate,test,predict,export} ...", ""]
+        lines = [f"usage: likeness {{{','.join(SUBCOMMANDS)}}} ...", ""]
         lines += [f"  {name:<10}{what}" for name, what in SUBCOMMANDS.items()]
         lines += ["", "`likeness fit --help`: the settings that matter; README.md: the whole story."]
         return "\n".join(lines)
+    if subcommand == "prefetch":
+        return (
+            "usage: likeness prefetch --config FILE [--SETTING VALUE ...]\n\n"
+            f"{SUBCOMMANDS['prefetch']}.\nIt reads the same config and settings as `likeness fit` (while online)."
+        )
+    if subcommand in STANDALONE:  # their own argparse help is the short help
+        what = SUBCOMMANDS[subcommand]
+        return f"usage: likeness {subcommand} ...\n\n{what}\n\n`likeness {subcommand} --help` lists its options."
     lines = [f"usage: likeness {subcommand} --config FILE [--SETTING VALUE ...]", "", SUBCOMMANDS[subcommand], ""]
     lines += [f"  {option:<42}{what}" for option, what in MAIN_SETTINGS]
     lines += [
@@ -148,10 +171,13 @@ def cli(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``likeness`` console script (and of ``python train.py``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    if subcommand == "export":
-        from callbacks.checkpoint_export import main as export_main
+    if subcommand in STANDALONE:
+        importlib.import_module(STANDALONE[subcommand]).main(argv[1:])
+        return
+    if subcommand == "prefetch" and not any(a in ("-h", "--help") for a in argv[1:]):
+        from train import prefetch_main
 
-        export_main(argv[1:])
+        prefetch_main(argv[1:])
         return
     if subcommand is None and (not argv or argv[0] in ("-h", "--help")):
         print(short_help(None))

@@ -32,11 +32,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
+from callbacks.lora_ema import LoraEMA
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.run_folders import DropEmptyRun, resolve_checkpoint, run_folder_of
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
+from callbacks.training_crops import TrainingCrops
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
@@ -76,11 +78,15 @@ def _runs_folder(trainer_config: Any) -> Path:
 
 def _check_before_loading(subcommand: str, config: Namespace) -> None:
     """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
-    files, and an 8-bit optimizer on a machine that cannot run it (issue #9)."""
-    from datamodules.face_data_module import read_prompts
+    files, crop and caption settings, and an 8-bit optimizer on a machine that cannot run it (issue #9)."""
+    from datamodules.face_data_module import check_crop_and_captions, read_prompts
     from datamodules.folder_scan import load_pairs
 
     data = config["data"]
+    crop_settings = ("crop", "center_crop", "face_margin", "face_scale_jitter", "caption_template", "caption_dropout")
+    with warnings.catch_warnings():  # a deprecation warning comes once, from the data module
+        warnings.simplefilter("ignore")
+        check_crop_and_captions(**{key: _plain(data[key]) for key in crop_settings})
     if subcommand == "fit":
         with warnings.catch_warnings():  # skipped files are reported once, when the data module sets up
             warnings.simplefilter("ignore")
@@ -133,9 +139,12 @@ class LikenessCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        # Before validation and export, which use its EMA weights (they would catch it up anyway).
+        parser.add_lightning_class_args(LoraEMA, "ema")
         parser.add_lightning_class_args(IdentityValidation, "validation")
         parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")
+        parser.add_lightning_class_args(TrainingCrops, "training_crops")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         # After validation and export: the last.ckpt saved at the end holds the final validation's metrics.
         parser.add_lightning_class_args(StopCheckpoint, "stop_checkpoint")
@@ -283,11 +292,8 @@ def _cli(cli_class: type[LikenessCLI], args: list[str] | None) -> LikenessCLI:
             save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    # No hp_metric: TensorBoard would open on a meaningless -1 (issue #10).
-                    "init_args": {"save_dir": "logs", "name": "likeness", "default_hp_metric": False},
-                },
+                # No epoch curve, no hp_metric: TensorBoard opens on the curves that matter (issue #10).
+                "logger": {"class_path": "callbacks.step_tensorboard_logger.StepTensorBoardLogger"},
                 "enable_model_summary": False,  # LoRADiffusion prints its trainable parameters itself
                 "max_steps": 2000,
                 # FaceDataModule's EpochSampler shards the data by rank itself (and resumes mid-epoch).

@@ -29,6 +29,7 @@ from callbacks.export_facts import (
     native_resolution,
     training_settings,
 )
+from callbacks.lora_ema import ema_settings
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_formats import export_lora
 
@@ -85,8 +86,11 @@ def _captions(datamodule_hparams: dict[str, Any]) -> list[str]:
     data_dir = datamodule_hparams.get("data_dir")
     if not data_dir:
         return []
+    # As the run trained on them (data.caption_template: the trigger word A1111's tag list then shows).
+    template = datamodule_hparams.get("caption_template") or "{caption}"
     try:
-        return [pair.caption for pair in load_pairs(data_dir, datamodule_hparams.get("skip_bad_files", False))]
+        pairs = load_pairs(data_dir, datamodule_hparams.get("skip_bad_files", False))
+        return [template.replace("{caption}", pair.caption) for pair in pairs]
     except (DataFolderError, OSError) as err:
         print(f"warning: no caption statistics in the files: {err}", file=sys.stderr)
         return []
@@ -143,7 +147,9 @@ def export_checkpoint(
             max_steps=trainer_config.get("max_steps"),
             learning_rate=configured_learning_rate(groups[0]),
             prediction_type=module.noise_scheduler.config.prediction_type,
-        ),
+        )
+        # With EMA on, the checkpoint's state_dict is the EMA (callbacks/lora_ema.py): the card says so.
+        | ema_settings(callbacks.get("LoraEMA")),
         started_at=callbacks.get("LoraExport", {}).get("started_at"),
     )
 

@@ -15,14 +15,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.export_facts import step_folder
+from callbacks.lora_ema import ema_weights
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
-from metrics.face_distance import DISTANCE_METRIC
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import HW_MAX_FACELESS, HW_PROMPTS, IdentityScorer, IdentityScores
+from metrics.score_files import ScoreFiles
 
 
 class IdentityValidation(L.Callback):
@@ -42,8 +43,8 @@ class IdentityValidation(L.Callback):
         every_n_steps: validate every this many optimizer steps (0: only baseline and end).
         baseline: validate before the first step, to see where training starts from.
         at_end: validate after the last step.
-        face_model: DeepFace recognition model (``Dlib`` works offline; the HW used ``GhostFaceNet``).
-        face_detector: DeepFace detector backend (``dlib`` offline; the HW used ``ssd``).
+        face_model: DeepFace recognition model (``Dlib`` or ``SFace`` offline; the HW used ``GhostFaceNet``).
+        face_detector: DeepFace detector backend (``dlib`` with Dlib, ``yunet`` with SFace; the HW used ``ssd``).
         clip_model: CLIP Hub id or local folder for the CLIP score; ``null`` skips it.
         min_clip_score: HW floor for the best checkpoint: CLIP score above this.
         max_faceless_fraction: HW floor: at most this fraction of images faceless (5 of 25).
@@ -124,7 +125,7 @@ class IdentityValidation(L.Callback):
         images = [load_rgb(pair.image) for pair in self._pairs]  # upright, 8-bit RGB: as training sees them
         scores = self.scorer.score(images, [pair.caption for pair in self._pairs])
         self._log(trainer, scores.as_metrics("reference"), 0)
-        rank_zero_info(f"Training photos against themselves: {_summary(scores)}")
+        rank_zero_info(f"Training photos against themselves: {scores.summary()}")
 
     # --- during fit ---------------------------------------------------------------------------------------------
 
@@ -152,9 +153,15 @@ class IdentityValidation(L.Callback):
             trainer.save_checkpoint(checkpoint_dir(trainer) / "best_identity.ckpt")
 
     def _generate_and_score(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[str]) -> bool:
+        run_dir = log_dir(trainer)  # on every rank: trainer.log_dir is a broadcast (see _report)
+        if not trainer.is_global_zero:
+            # Rank 0 alone scores, so it alone generates (nothing in generation talks to the other ranks, which
+            # wait for its decision at the broadcast): N GPUs validate in one GPU's time, not N times the work.
+            return False
         started = time.perf_counter()
-        outputs = generate_restoring_state(pl_module, trainer.datamodule.prompt_loader(prompts))
-        return bool(self._report(trainer, outputs, "val", time.perf_counter() - started, log_dir(trainer)))
+        with ema_weights(trainer):  # the EMA weights when ema.decay is set, as best_identity.ckpt holds them
+            outputs = generate_restoring_state(pl_module, trainer.datamodule.prompt_loader(prompts))
+        return bool(self._report(trainer, outputs, "val", time.perf_counter() - started, run_dir))
 
     @rank_zero_only
     def _report(
@@ -162,36 +169,57 @@ class IdentityValidation(L.Callback):
         trainer: L.Trainer,
         outputs: list[dict[str, Any]],
         stage: str,
-        seconds: float,
+        seconds_generate: float,
         run_dir: Path,
         step: int | None = None,
     ) -> bool:
-        """Score, log, save and print one validation; ``step`` defaults to the trainer's (fit).
+        """Score, save (images, scores.json, scores.csv, grid.png), log and print one validation.
 
+        ``step`` defaults to the trainer's (fit); ``seconds_generate`` is how long generating took, so that
+        ``<stage>/seconds`` is the whole validation: generating, scoring and saving (issue #11).
         ``run_dir`` comes from the caller, on every rank: ``trainer.log_dir`` is a collective (a broadcast), and
         calling it here, on rank 0 alone, paired it with another rank's next broadcast (a DDP deadlock, issue #8).
         """
+        started = time.perf_counter()
         images = [im for out in outputs for im in out["images"]]
         prompts = [p for out in outputs for p in out["prompts"]]
+        seeds = [s for out in outputs for s in out.get("seeds", [])]
         scores = self.scorer.score(images, prompts)
-        metrics = scores.as_metrics(stage) | {f"{stage}/seconds": seconds}
         step = trainer.global_step if step is None else step
+        # Each validation, and each checkpoint tested, in its own step folder: a second test does not overwrite.
+        folder = run_dir / ("validation" if stage == "val" else stage) / step_folder(step)
+        names = save_images(folder, images, prompts, stage, seeds if len(seeds) == len(images) else None)
+        grid = prompt_grid(images, prompts, scores.labels(), scores.matches)
+        scores.seconds = {"generate": seconds_generate, **scores.seconds}
+        scores.seconds["total"] = seconds_generate + time.perf_counter() - started
+        ScoreFiles(folder).write(scores, names, prompts, self._settings(trainer, stage, run_dir, step), grid)
+        seconds = {f"{stage}/seconds_{part}": scores.seconds[part] for part in ("generate", "face", "clip")}
+        metrics = scores.as_metrics(stage) | seconds | {f"{stage}/seconds": scores.seconds["total"]}
         self.last_metrics = metrics
         self._log(trainer, metrics, step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        folder = run_dir / ("validation" if stage == "val" else stage)
-        # Each validation, and each checkpoint tested, in its own step folder: a second test does not overwrite.
-        names = save_images(folder / step_folder(step), images, prompts, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                grid = prompt_grid(images, prompts, scores.labels(), scores.matches)
                 logger.experiment.add_image(f"{stage}/images", np.asarray(grid), step, dataformats="HWC")
-        rank_zero_info(f"[{stage} step {step}] {_summary(scores)} ({seconds:.1f}s; images in {names[0].parent})")
+        rank_zero_info(
+            f"[{stage} step {step}] {scores.summary()} ({scores.seconds['total']:.1f}s; images, scores.json and "
+            f"scores.csv in {folder})"
+        )
         better = self.is_better(scores)
         if better:
             self.best_face_distance = scores.face_distance
             self.best_identity_match_rate = scores.identity_match_rate
         return better
+
+    def _settings(self, trainer: L.Trainer, stage: str, run_dir: Path, step: int) -> dict[str, Any]:
+        """What scores.json records about how this validation was scored."""
+        hparams = getattr(trainer.datamodule, "hparams", {})
+        return {
+            "photos": str(hparams.get("data_dir", "")),
+            "prompts": hparams.get("validation_prompts"),  # a file, or the config's list of prompts
+            **self.scorer.settings,
+            "scored": {"stage": stage, "run": str(run_dir), "step": step},
+        }
 
     def is_better(self, scores: IdentityScores) -> bool:
         """Whether ``scores`` pass the floors and beat the best validation so far, ranked by ``best_by``."""
@@ -262,20 +290,3 @@ def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[
         torch.set_rng_state(rng[2])
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def _summary(scores: IdentityScores) -> str:
-    matched = sum(scores.matches)
-    identity = (
-        f"the person in {matched}/{scores.images} "
-        f"({scores.face_model} {DISTANCE_METRIC} distance <= {scores.threshold:.3f})"
-    )
-    if math.isnan(scores.face_distance):
-        return (
-            f"no face in any image: face distance and CLIP score undefined, {identity}, "
-            f"faceless {scores.images}/{scores.images}"
-        )
-    return (
-        f"face distance {scores.face_distance:.4f} ({scores.rubric}), {identity}, "
-        f"CLIP score {scores.clip_score:.2f}, faceless {scores.faceless_count}/{scores.images}"
-    )

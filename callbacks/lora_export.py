@@ -23,6 +23,7 @@ from callbacks.export_facts import (
     step_folder,
     training_settings,
 )
+from callbacks.lora_ema import active_ema, ema_weights
 from callbacks.run_folders import checkpoint_dir, log_dir
 from lightning_modules.lora_formats import export_lora, has_lora, kohya_state_dict
 
@@ -36,6 +37,9 @@ class LoraExport(L.Callback):
     * at every checkpoint save: ``<checkpoint dir>/lora/step<NNNNNN>/``, named as the step checkpoints are — the
       checkpoint dir is the first ``ModelCheckpoint``'s ``dirpath``, else ``<log dir>/checkpoints``;
     * at the end of training: ``<log dir>/lora/final/``.
+
+    With EMA on (``LoraEMA``, ``ema.decay``) the files hold the EMA weights, as the checkpoints do, and the model
+    card says so.
 
     The module needs ``unet`` (with a peft LoRA adapter), ``text_encoder`` (LoRA optional) and
     ``hparams.pretrained_model_name_or_path``; the datamodule, if any, ``hparams.resolution`` and
@@ -101,28 +105,29 @@ class LoraExport(L.Callback):
         if resolution is None:
             resolution = native_resolution(pl_module)
         groups = trainer.optimizers[0].param_groups if trainer.optimizers else [{}]
-        export_lora(
-            folder,
-            pl_module.unet,
-            getattr(pl_module, "text_encoder", None),
-            name=lora_file_stem(self._name, trainer.global_step),
-            base_model=str(pl_module.hparams.pretrained_model_name_or_path),
-            steps=trainer.global_step,
-            resolution=resolution,
-            captions=_captions(datamodule),
-            metrics=_validation_metrics(trainer.callback_metrics),
-            settings=training_settings(
-                getattr(pl_module, "hparams", None),
-                getattr(datamodule, "hparams", None),
-                precision=trainer.precision,
-                max_steps=trainer.max_steps,
-                learning_rate=configured_learning_rate(groups[0]),
-                prediction_type=getattr(getattr(pl_module, "noise_scheduler", None), "config", {}).get(
-                    "prediction_type"
-                ),
-            ),
-            started_at=self._started_at,
-        )
+        ema = active_ema(trainer)
+        settings = training_settings(
+            getattr(pl_module, "hparams", None),
+            getattr(datamodule, "hparams", None),
+            precision=trainer.precision,
+            max_steps=trainer.max_steps,
+            learning_rate=configured_learning_rate(groups[0]),
+            prediction_type=getattr(getattr(pl_module, "noise_scheduler", None), "config", {}).get("prediction_type"),
+        ) | (ema.settings() if ema else {})
+        with ema_weights(trainer):  # the EMA weights when EMA is on, as the checkpoint beside these files holds
+            export_lora(
+                folder,
+                pl_module.unet,
+                getattr(pl_module, "text_encoder", None),
+                name=lora_file_stem(self._name, trainer.global_step),
+                base_model=str(pl_module.hparams.pretrained_model_name_or_path),
+                steps=trainer.global_step,
+                resolution=resolution,
+                captions=_captions(datamodule),
+                metrics=_validation_metrics(trainer.callback_metrics),
+                settings=settings,
+                started_at=self._started_at,
+            )
         rank_zero_info(f"LoRA exported to {folder}")
 
 

@@ -16,6 +16,7 @@ ROW = 256  # image side in the grid
 LABEL = 28  # height of the verdict strip under each image
 ROW_HEIGHT = ROW + LABEL
 TEXT_WIDTH = 360
+IMAGE_NAME = "valid_image_{}.png"  # the HW's names; `likeness score --images` maps them back to prompt lines
 # Strip colours: the verdict must read at a glance across 25 rows.
 MATCH_COLOUR = (24, 128, 56)
 NO_MATCH_COLOUR = (176, 32, 32)
@@ -65,9 +66,31 @@ def save_png(path: Path, image: Image.Image, metadata: dict[str, object]) -> Pat
     return path
 
 
-def save_images(folder: Path, images: Sequence[Image.Image], prompts: Sequence[str], stage: str = "val") -> list[Path]:
-    """Write ``valid_image_<i>.png`` (the HW's names) with the prompt in each file's metadata."""
-    return [
-        save_png(folder / f"valid_image_{i}.png", image, {"prompt": prompt, "stage": stage})
-        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True))
-    ]
+def save_images(
+    folder: Path,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    stage: str = "val",
+    seeds: Sequence[int] | None = None,
+) -> list[Path]:
+    """Write ``valid_image_<i>.png`` (the HW's names) with the prompt (and seed) in each file's metadata.
+
+    Images numbered past ``images`` that an earlier, longer run wrote into the same folder are removed: left there,
+    the folder would hold more images than prompts (``likeness score --images`` refuses that). Only files this
+    function wrote go (their PNG text has a ``stage``), never a user's own.
+    """
+    seeds = [None] * len(images) if seeds is None else seeds
+    paths = []
+    for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds, strict=True)):
+        metadata = {"prompt": prompt, "stage": stage} | ({} if seed is None else {"seed": seed})
+        paths.append(save_png(folder / IMAGE_NAME.format(i), image, metadata))
+    stale = len(images)
+    while (folder / IMAGE_NAME.format(stale)).is_file():
+        path = folder / IMAGE_NAME.format(stale)
+        with Image.open(path) as old:
+            ours = "stage" in getattr(old, "text", {})
+        if not ours:
+            break
+        path.unlink()
+        stale += 1
+    return paths

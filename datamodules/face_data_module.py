@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.epoch_sampler import EpochSampler
+from datamodules.face_boxes import FaceBoxes, PhotoFace
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import Pair, load_pairs
-from datamodules.image_caption_dataset import ImageCaptionDataset
+from datamodules.image_caption_dataset import Crop, ImageCaptionDataset
 from datamodules.latent_cache import CacheReport, LatentCache, weights_fingerprint
 
 
@@ -53,6 +54,42 @@ def _check_settings(resolution: int, batch_size: int, images_per_prompt: int) ->
         raise ValueError(f"data.images_per_prompt {images_per_prompt}: give 1 or more.")
 
 
+def check_crop_and_captions(
+    crop: str = "center",
+    center_crop: bool = True,
+    face_margin: float = 0.75,
+    face_scale_jitter: float = 0.0,
+    caption_template: str = "{caption}",
+    caption_dropout: float = 0.0,
+) -> Crop:
+    """The crop to train with (``center_crop: false`` is the old spelling of ``crop: random``); bad face and caption
+    settings fail here, naming the setting (train.py can call it with the ``data`` config before the model loads)."""
+    if crop not in get_args(Crop):
+        raise ValueError(f"data.crop {crop!r}: choose one of {', '.join(get_args(Crop))}.")
+    if not center_crop:
+        if crop == "face":
+            raise ValueError(
+                "data.center_crop false (a random crop) contradicts data.crop face: drop data.center_crop, which is "
+                "deprecated, and choose with data.crop."
+            )
+        rank_zero_warn("data.center_crop is deprecated: write data.crop: random instead of data.center_crop: false.")
+        crop = "random"
+    if not face_margin >= 0:  # `not >=` also catches NaN
+        raise ValueError(f"data.face_margin {face_margin}: give 0 or more (0.75: a square 2.5 face boxes wide).")
+    if not 0 <= face_scale_jitter < 1:
+        raise ValueError(f"data.face_scale_jitter {face_scale_jitter}: give a number in [0, 1) (0: no jitter).")
+    if "{caption}" not in caption_template:
+        raise ValueError(
+            f"data.caption_template {caption_template!r} has no {{caption}}: write where each caption goes, e.g. "
+            "'photo of sks man, {caption}'."
+        )
+    if not 0 <= caption_dropout < 1:
+        raise ValueError(
+            f"data.caption_dropout {caption_dropout}: give a probability in [0, 1) (0.1: one sample in ten)."
+        )
+    return crop  # type: ignore[return-value]
+
+
 class FaceDataModule(L.LightningDataModule):
     """Photos of one person, each ``NAME.jpg|.jpeg|.png|.webp`` beside a ``NAME.txt`` caption.
 
@@ -61,8 +98,23 @@ class FaceDataModule(L.LightningDataModule):
 
     Args:
         data_dir: folder of training photos and captions.
-        resolution: square training resolution; the short side is resized to it, then cropped.
-        center_crop: center crop (else a random crop).
+        resolution: square training resolution.
+        crop: which square of each photo trains: ``center`` (the short side resized to ``resolution``, the middle
+            square), ``random`` (a random square of that, encoded live each step) or ``face`` (the square around
+            the detected face, ``face_margin`` wide, never cutting the face box; photos without a face train on the
+            center crop and are listed in the log).
+        center_crop: deprecated: ``false`` is ``crop: random``.
+        face_margin: face crop side = face box side × (1 + 2 · margin), at most the photo's short side (0.75: 2.5
+            face boxes; large values give the largest square that holds the face).
+        face_scale_jitter: face crop side × a random factor in [1 − jitter, 1 + jitter] per sample (never smaller
+            than the face box); above 0 the crops cannot be cached, the VAE encodes each batch.
+        face_detector: deepface detector for the face boxes (``dlib`` runs offline), run once per photo before
+            step 1 when ``crop: face`` or the model weights the loss by the face (``model.face_loss_weight``);
+            boxes are kept under ``cache_dir/face_boxes``.
+        caption_template: what each sample trains on, ``{caption}`` standing for its caption file, e.g.
+            ``photo of sks man, {caption}`` to bind a trigger word to the person.
+        caption_dropout: probability of training a sample on the empty prompt instead (drawn from the sample's
+            seed, so a resume draws the same).
         random_flip: random horizontal flip. Faces are not symmetric: off by default for identity training.
         batch_size: training batch size per device.
         num_workers: data loader worker processes; default: none when latents are cached (the loader then serves
@@ -70,8 +122,8 @@ class FaceDataModule(L.LightningDataModule):
             on a CPU (its cores compute the step).
         cache_latents: encode every training photo through the VAE once before step 1 (both orientations with
             ``random_flip``) and keep the latents on disk for later runs and resumes. Random crops cannot be
-            cached: with ``center_crop: false`` the VAE encodes each batch as it trains.
-        cache_dir: latent cache folder; default ``~/.cache/likeness/latents``.
+            cached: with ``crop: random`` or a face scale jitter the VAE encodes each batch as it trains.
+        cache_dir: latent and face-box cache folder; default ``~/.cache/likeness/latents``.
         skip_bad_files: train on the good pairs and log the bad files, instead of stopping with the list.
         validation_prompts: a text file with one prompt per line, or a list of prompts.
         num_validation_prompts: how many of them (the first ones) to generate during ``fit`` (HW: 3);
@@ -86,7 +138,12 @@ class FaceDataModule(L.LightningDataModule):
         self,
         data_dir: str = "data/train",
         resolution: int = 512,
-        center_crop: bool = True,
+        crop: Crop = "center",
+        face_margin: float = 0.75,
+        face_scale_jitter: float = 0.0,
+        face_detector: str = "dlib",
+        caption_template: str = "{caption}",
+        caption_dropout: float = 0.0,
         random_flip: bool = False,
         batch_size: int = 1,
         num_workers: int | None = None,
@@ -98,10 +155,14 @@ class FaceDataModule(L.LightningDataModule):
         images_per_prompt: int = 1,
         cache_latents: bool = True,
         cache_dir: str | None = None,
+        center_crop: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _check_settings(resolution=resolution, batch_size=batch_size, images_per_prompt=images_per_prompt)
+        self.crop = check_crop_and_captions(
+            crop, center_crop, face_margin, face_scale_jitter, caption_template, caption_dropout
+        )
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"data.num_workers {num_workers}: give 0 or more, or null for automatic.")
         if validation_batch_size is not None and validation_batch_size < 1:
@@ -112,6 +173,10 @@ class FaceDataModule(L.LightningDataModule):
         self._resume: dict[str, int] = {}
         self._encodings_ready = False
         self.latent_cache_report: CacheReport | None = None
+        self.face_report: CacheReport | None = None
+        # Set by hand without a trainer; else asked of the model (`face_loss_weighted`, `latent_scale_factor`).
+        self.serve_face_mask: bool | None = None
+        self.latent_factor: int | None = None
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
@@ -121,20 +186,71 @@ class FaceDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_dataset is None:
             if self.tokenizer is None:
                 raise RuntimeError("FaceDataModule needs the base model's tokenizer (model.tokenizer).")
-            self.pairs = load_pairs(self.hparams.data_dir, self.hparams.skip_bad_files)
+            hp, model = self.hparams, self.trainer.lightning_module if self.trainer is not None else None
+            self.pairs = load_pairs(hp.data_dir, hp.skip_bad_files)
+            face_mask = self.serve_face_mask
+            if face_mask is None:
+                face_mask = bool(getattr(model, "face_loss_weighted", False))
             self.train_dataset = ImageCaptionDataset(
                 self.pairs,
                 self.tokenizer,
-                resolution=self.hparams.resolution,
-                center_crop=self.hparams.center_crop,
-                random_flip=self.hparams.random_flip,
+                resolution=hp.resolution,
+                crop=self.crop,
+                random_flip=hp.random_flip,
+                faces=self.find_faces(face_mask) if self.crop == "face" or face_mask else None,
+                face_margin=hp.face_margin,
+                face_scale_jitter=hp.face_scale_jitter,
+                face_mask=face_mask,
+                latent_factor=self.latent_factor or getattr(model, "latent_scale_factor", 8),
+                caption_template=hp.caption_template,
+                caption_dropout=hp.caption_dropout,
             )
-            rank_zero_info(f"Training on {len(self.pairs)} image-caption pairs from {self.hparams.data_dir}")
+            rank_zero_info(f"Training on {len(self.pairs)} image-caption pairs from {hp.data_dir}")
+
+    def _cache_root(self) -> Path:
+        return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else default_cache_dir() / "latents"
+
+    def _rank(self) -> tuple[Any, int]:
+        if self.trainer is None:
+            return None, 0
+        return self.trainer.strategy, self.trainer.global_rank
+
+    def find_faces(self, face_mask: bool = False) -> list[PhotoFace]:
+        """Every training photo's face box, from the face-box cache or detected now (rank 0; the others read)."""
+        hp = self.hparams
+        boxes = FaceBoxes(self._cache_root() / "face_boxes", hp.face_detector)
+        strategy, rank = self._rank()
+        if strategy is not None and rank != 0:
+            strategy.barrier()  # rank 0 detects and writes the entries first
+        faces, self.face_report = boxes.find([pair.image for pair in self.pairs], progress=rank == 0)
+        if strategy is not None and rank == 0:
+            strategy.barrier()
+        found = sum(face.box is not None for face in faces)
+        rank_zero_info(
+            f"Faces ({hp.face_detector}) found in {found} of {len(faces)} photos ({self.face_report.reused} from "
+            f"{boxes.folder}, {self.face_report.encoded} detected now)."
+        )
+        faceless = [pair.image.name for pair, face in zip(self.pairs, faces, strict=True) if face.box is None]
+        if faceless:
+            uses = [
+                what for what, used in (("the center crop", self.crop == "face"), ("an even loss", face_mask)) if used
+            ]
+            rank_zero_warn(
+                f"No face found in {len(faceless)} photo(s); they train on {' and '.join(uses)}: {', '.join(faceless)}"
+            )
+        cut = [pair.image.name for pair, face in zip(self.pairs, faces, strict=True) if face.box and not face.fits]
+        if cut and self.crop == "face":
+            rank_zero_warn(
+                f"The face box is wider or taller than the short side in {len(cut)} photo(s), so their square crop "
+                f"cuts it: {', '.join(cut)}"
+            )
+        return faces
 
     @property
     def captions(self) -> list[str]:
-        """Training captions (for LoRA metadata such as the most common words)."""
-        return [pair.caption for pair in self.pairs]
+        """Training captions as trained on, with ``caption_template`` applied (LoRA metadata: the most common
+        words, kohya's tag counts, so the trigger word shows)."""
+        return [self.hparams.caption_template.replace("{caption}", pair.caption) for pair in self.pairs]
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
@@ -171,31 +287,29 @@ class FaceDataModule(L.LightningDataModule):
     def prepare_encodings(self, model: L.LightningModule) -> None:
         """Cache what the frozen encoders of ``model`` make of the training data, as far as it can be cached.
 
-        Latents (the VAE's moments) when ``cache_latents`` and center crop; the text encoder's hidden states when
+        Latents (the VAE's moments) when ``cache_latents`` and the crops never change (center, or face without
+        jitter); the text encoder's hidden states of the captions and the empty prompt when
         ``model.text_encoder_frozen``. ``model`` gives ``vae``, ``latent_moments(pixels)`` and
         ``encode_prompts(input_ids)``. Rank 0 encodes and writes the latent cache; the other ranks read it.
         """
         dataset, hp = self.train_dataset, self.hparams
-        if hp.cache_latents and not hp.center_crop:
+        if hp.cache_latents and not dataset.cacheable:
+            why = "random crops" if self.crop == "random" else "face crops with data.face_scale_jitter > 0"
             rank_zero_info(
-                "data.center_crop is false: random crops cannot be cached, so the VAE encodes every batch as it "
-                "trains (set data.center_crop: true to train from cached latents)."
+                f"{why.capitalize()} cannot be cached, so the VAE encodes every batch as it trains (data.crop center, "
+                "or face without jitter, trains from cached latents)."
             )
         elif hp.cache_latents and hasattr(model, "latent_moments"):
             vae = model.vae
-            cache = LatentCache(
-                Path(hp.cache_dir).expanduser() if hp.cache_dir else default_cache_dir() / "latents",
-                weights_fingerprint(vae.encoder, vae.quant_conv),
-                hp.resolution,
-            )
+            cache = LatentCache(self._cache_root(), weights_fingerprint(vae.encoder, vae.quant_conv), hp.resolution)
             flips = (False, True) if hp.random_flip else (False,)
-            strategy = self.trainer.strategy if self.trainer is not None else None
-            rank = self.trainer.global_rank if self.trainer is not None else 0
+            strategy, rank = self._rank()
             if strategy is not None and rank != 0:
                 strategy.barrier()  # rank 0 writes the entries first
             images = [pair.image for pair in self.pairs]
+            crops = [dataset.crop_key(i) for i in range(len(dataset))]
             dataset.latents, report = cache.fill(
-                images, flips, dataset.pixels, model.latent_moments, progress=rank == 0
+                images, flips, dataset.pixels, model.latent_moments, progress=rank == 0, crops=crops
             )
             if strategy is not None and rank == 0:
                 strategy.barrier()
@@ -210,6 +324,8 @@ class FaceDataModule(L.LightningDataModule):
             dataset.hidden_states = torch.cat(
                 [model.encode_prompts(ids[i : i + 32]).float().cpu() for i in range(0, len(ids), 32)]
             )
+            if hp.caption_dropout:  # dropped captions train on the empty prompt
+                dataset.empty_hidden_state = model.encode_prompts(dataset.empty_input_ids[None]).float().cpu()[0]
             rank_zero_info(f"Text encoder frozen: embeddings of the {len(ids)} captions computed once.")
 
     def prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:

@@ -67,15 +67,16 @@ class LatentCache:
     Args:
         folder: cache root (e.g. ``~/.cache/likeness/latents``).
         vae_fingerprint: :func:`weights_fingerprint` of the VAE encoder the entries come from.
-        resolution: training resolution (center crop).
+        resolution: training resolution.
     """
 
     def __init__(self, folder: str | Path, vae_fingerprint: str, resolution: int) -> None:
         self.folder = Path(folder).expanduser() / vae_fingerprint[:32]
         self.resolution = resolution
 
-    def entry_path(self, image_digest: str, flip: bool) -> Path:
-        key = f"{FORMAT}|{image_digest}|{self.resolution}|center|flip={flip}"
+    def entry_path(self, image_digest: str, flip: bool, crop: str = "center") -> Path:
+        """The entry of a photo's crop (``center``, or a face crop's ``CropWindow.key``) in one orientation."""
+        key = f"{FORMAT}|{image_digest}|{self.resolution}|{crop}|flip={flip}"
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
 
     def load(self, path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -116,6 +117,7 @@ class LatentCache:
         encode: Encoder,
         batch_size: int = 4,
         progress: bool = True,
+        crops: list[str] | None = None,
     ) -> tuple[dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]], CacheReport]:
         """Entries for every ``(image index, flip)``: read from disk, or ``encode(pixels(i, flip))`` and written.
 
@@ -126,6 +128,7 @@ class LatentCache:
             encode: a batch of pixels -> latent (mean, std).
             batch_size: photos encoded together.
             progress: show a progress bar while encoding.
+            crops: each photo's crop key (``center``, or a face crop's window); default: all ``center``.
         """
         entries: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         report, todo = CacheReport(), []
@@ -133,7 +136,7 @@ class LatentCache:
         for index, image in enumerate(images):
             digest = file_digest(image)
             for flip in flips:
-                path = self.entry_path(digest, flip)
+                path = self.entry_path(digest, flip, crops[index] if crops is not None else "center")
                 try:
                     entry = self.load(path)
                 except ValueError as err:

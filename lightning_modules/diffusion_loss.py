@@ -31,6 +31,18 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / snr
 
 
+def face_loss_weights(mask: torch.Tensor, face_weight: float, background_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights from a face mask in [0, 1] of shape (B, 1, h, w): ``background_weight`` where the mask
+    is 0, ``face_weight`` where it is 1, then scaled so that each image's weights average 1.
+
+    Averaging 1 keeps the loss on the scale of the plain MSE, so learning rates and the per-sample min-SNR weights
+    mean what they meant without it; only where in the image the loss comes from shifts. An image without a face
+    (mask all 0) gets weight 1 everywhere.
+    """
+    weights = background_weight + (face_weight - background_weight) * mask.float()
+    return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """A draw from the VAE's latent distribution N(mean, std²), scaled for the UNet, in float32.
 
@@ -49,10 +61,13 @@ def diffusion_loss(
     encoder_hidden_states: torch.Tensor,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
+    loss_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Noise the (scaled) latents at uniform random timesteps and score the UNet's prediction (MSE).
 
-    Draws from the global torch RNG: the caller decides its seed.
+    With ``loss_weight`` (per pixel, broadcast to the latents, e.g. (B, 1, h, w) from :func:`face_loss_weights`)
+    each sample's loss is the mean over its pixels and channels of weight × squared error; min-SNR then weighs
+    each sample and the batch is averaged. Draws from the global torch RNG: the caller decides its seed.
     """
     # contiguous: randn_like follows strides, and latents encoded now or read from the cache must draw alike.
     latents = latents.float().contiguous()
@@ -66,8 +81,12 @@ def diffusion_loss(
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
     target = loss_target(scheduler, latents, noise, timesteps)
-    if snr_gamma is None:
+    if snr_gamma is None and loss_weight is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if loss_weight is not None:
+        loss = loss * loss_weight.to(loss.device, loss.dtype)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if snr_gamma is None:
+        return loss.mean()
     return (loss * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

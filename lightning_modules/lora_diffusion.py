@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from lightning_modules.base_model import load_base_model
-from lightning_modules.diffusion_loss import diffusion_loss, sample_latents
+from lightning_modules.diffusion_loss import diffusion_loss, face_loss_weights, sample_latents
 from lightning_modules.finite import check_finite
 from lightning_modules.generation import BatchedGeneration
 from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast, use_compile_cache
@@ -56,6 +56,11 @@ class LoRADiffusion(L.LightningModule):
         lr_num_cycles: cycles of ``cosine_with_restarts``.
         noise_offset: offset noise strength (0 = off).
         snr_gamma: min-SNR-gamma loss weighting (``None`` = plain MSE; 5 is the paper's choice).
+        face_loss_weight: loss weight of the latent pixels on the face (the data module's face mask, issue #12);
+            with ``background_loss_weight`` it sets how much more the face counts. Equal weights (the default):
+            an even loss, and no face detection.
+        background_loss_weight: loss weight of the pixels away from the face. Weights are scaled per image to
+            average 1, so only their ratio matters: 1.0 / 0.3 makes a face pixel count 3.3 times a background one.
         prediction_type: ``epsilon`` or ``v_prediction``; default: the base model scheduler's.
         num_inference_steps: sampler steps when generating (validation, test, predict; HW: 30).
         guidance_scale: classifier-free guidance scale when generating (diffusers' default 7.5).
@@ -94,6 +99,8 @@ class LoRADiffusion(L.LightningModule):
         lr_num_cycles: int = 1,
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
+        face_loss_weight: float = 1.0,
+        background_loss_weight: float = 1.0,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
@@ -112,6 +119,8 @@ class LoRADiffusion(L.LightningModule):
             ("lora_rank", lora_rank),
             ("lora_alpha", lora_alpha),
             ("text_encoder_lr", text_encoder_lr),
+            ("face_loss_weight", face_loss_weight),
+            ("background_loss_weight", background_loss_weight),
         ):
             if value is not None and not value > 0:  # `not >` also catches NaN
                 raise ValueError(f"model.{setting} {value}: give a positive number.")
@@ -195,8 +204,6 @@ class LoRADiffusion(L.LightningModule):
         trainable = sum(p.numel() for p in self.trainable_parameters())
         total = sum(p.numel() for p in self.parameters())
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-        for logger in self.loggers:
-            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=self.global_step)
 
     def step_seed(self) -> int:
         """A seed that is a pure function of (run seed, batch number, rank): noise, timesteps and dropout of a
@@ -209,13 +216,15 @@ class LoRADiffusion(L.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._lora_inputs_under_autocast():
             torch.manual_seed(self.step_seed())
+            latents = self.batch_latents(batch)
             loss = diffusion_loss(
                 self.unet,
                 self.noise_scheduler,
-                self.batch_latents(batch),
+                latents,
                 self.batch_text_embeddings(batch),
                 noise_offset=self.hparams.noise_offset,
                 snr_gamma=self.hparams.snr_gamma,
+                loss_weight=self.batch_loss_weight(batch, latents),
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -227,6 +236,30 @@ class LoRADiffusion(L.LightningModule):
         else:
             mean, std = self.latent_moments(batch["pixel_values"])
         return sample_latents(mean, std, self.vae.config.scaling_factor)
+
+    @property
+    def face_loss_weighted(self) -> bool:
+        """The loss weighs face and background differently: the data module must serve ``face_mask``."""
+        return self.hparams.face_loss_weight != self.hparams.background_loss_weight
+
+    @property
+    def latent_scale_factor(self) -> int:
+        """Training pixels per latent pixel: the VAE halves the size once per block after the first."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def batch_loss_weight(self, batch: dict[str, Any], latents: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel loss weights (B, 1, h, w) from the batch's ``face_mask``; ``None`` for an even loss."""
+        if not self.face_loss_weighted:
+            return None
+        if "face_mask" not in batch:
+            raise ValueError(
+                "model.face_loss_weight differs from model.background_loss_weight, but the batch has no face_mask: "
+                "train with FaceDataModule (it serves the mask), or set both weights equal."
+            )
+        mask = batch["face_mask"].float()
+        if mask.shape[-2:] != latents.shape[-2:]:
+            mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear")
+        return face_loss_weights(mask, self.hparams.face_loss_weight, self.hparams.background_loss_weight)
 
     def batch_text_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
         """The text encoder's hidden states: cached ones when the text encoder is frozen, else computed now."""
@@ -308,7 +341,11 @@ class LoRADiffusion(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = fused_adam(self.optimizer_factory(self.param_groups()))
         scheduler = self._schedule(int(self.trainer.estimated_stepping_batches), optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "train/lr": LearningRateMonitor logs train/lr/unet and train/lr/te, beside the loss in TensorBoard.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     # --- small checkpoints ----------------------------------------------------------------------------------
 

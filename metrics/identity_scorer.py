@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -25,8 +26,10 @@ HW_MAX_FACELESS = 5
 class IdentityScores:
     """One validation's numbers. ``face_distance`` and ``clip_score`` are NaN when no image has a face.
 
-    Per image: ``distances`` (its face's mean distance to the training faces, ``None`` without a face) and
-    ``matches`` (whether that face is the person by ``face_model``'s ``threshold``; see ``IdentityMatch``).
+    Per image: ``distances`` (its face's mean distance to the training faces, ``None`` without a face),
+    ``matches`` (whether that face is the person by ``face_model``'s ``threshold``; see ``IdentityMatch``) and
+    ``clip_scores`` (``None`` without a face or without CLIP: the HW scored only images with a face; their mean
+    is ``clip_score``). ``seconds``: time per stage (``face``, ``clip``; callers add ``generate`` and ``total``).
     """
 
     face_distance: float
@@ -38,6 +41,8 @@ class IdentityScores:
     identity_match_rate: float
     threshold: float
     face_model: str
+    clip_scores: list[float | None] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def face_found(self) -> list[bool]:
@@ -58,6 +63,31 @@ class IdentityScores:
         if self.rubric_points is None:
             return f"rubric n/a: rubric needs {RUBRIC_MODEL}, not {self.face_model}"
         return f"rubric {self.rubric_points}/10"
+
+    @property
+    def verdicts(self) -> list[str]:
+        """Per image: ``the person``, ``not the person`` or ``no face`` (which is not the person either)."""
+        return [
+            "no face" if d is None else "the person" if m else "not the person"
+            for d, m in zip(self.distances, self.matches, strict=True)
+        ]
+
+    def summary(self) -> str:
+        """The one line validation, test and ``likeness score`` print: the HW's three numbers and who is in it."""
+        identity = (
+            f"the person in {sum(self.matches)}/{self.images} "
+            f"({self.face_model} {DISTANCE_METRIC} distance <= {self.threshold:.3f})"
+        )
+        if math.isnan(self.face_distance):
+            return (
+                f"no face in any image: face distance and CLIP score undefined, {identity}, "
+                f"faceless {self.images}/{self.images}"
+            )
+        clip = "CLIP score skipped" if math.isnan(self.clip_score) else f"CLIP score {self.clip_score:.2f}"
+        return (
+            f"face distance {self.face_distance:.4f} ({self.rubric}), {identity}, "
+            f"{clip}, faceless {self.faceless_count}/{self.images}"
+        )
 
     def labels(self) -> list[str]:
         """One line per image for the validation grid: the verdict and the distance it was taken on."""
@@ -126,14 +156,29 @@ class IdentityScorer:
         include_faceless: bool = True,
     ) -> None:
         self.face_model = face_model
+        self.clip_model = clip_model
         face_model.check()  # a missing model or weights fails here, at start-up
         # The face model's own pair threshold for the face distance's metric decides who is the person.
         self.threshold = face_model.verification_threshold(DISTANCE_METRIC)
-        self.reference = ReferenceEmbeddings(face_model, cache_dir, include_faceless).compute(reference_paths)
-        # CLIP stays on the CPU: it must not take GPU memory from training.
+        # CLIP before the training photos are embedded: a CLIP that cannot load fails in seconds, not after
+        # minutes of embedding (issue #11). It stays on the CPU: it must not take GPU memory from training.
         self.clip = ClipScore(clip_model, device="cpu", **LOCAL) if clip_model else None
+        self.reference = ReferenceEmbeddings(face_model, cache_dir, include_faceless).compute(reference_paths)
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """What decides the numbers, for ``scores.json``."""
+        return {
+            "face_model": self.face_model.model_name,
+            "face_detector": self.face_model.detector_backend,
+            "distance_metric": DISTANCE_METRIC,
+            "threshold": self.threshold,
+            "clip_model": self.clip_model,
+            "reference_faces": len(self.reference),
+        }
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> IdentityScores:
+        started = time.perf_counter()
         embeddings = self.face_model.embed(images)
         distance, faceless = FaceDistance(self.reference, **LOCAL), FacelessCount(**LOCAL)
         match = IdentityMatch(self.threshold, **LOCAL)
@@ -142,18 +187,19 @@ class IdentityScorer:
         per_face = distance.per_face(embeddings)
         match.update(per_face)
         found = [e is not None for e in embeddings]
-        clip_score = math.nan
-        if self.clip is not None:
-            self.clip.reset()
-            # The HW scored only the images in which a face was found.
-            self.clip.update(
-                [im for im, f in zip(images, found, strict=True) if f],
-                [p for p, f in zip(prompts, found, strict=True) if f],
-            )
-            clip_score = float(self.clip.compute()) if any(found) else math.nan
+        face_seconds, started = time.perf_counter() - started, time.perf_counter()
+        clip_scores: list[float | None] = [None] * len(images)
+        if self.clip is not None and any(found):
+            # The HW scored only the images in which a face was found. Per image, so that each row of
+            # scores.csv has its own score and their mean is the reported one.
+            faced = [i for i, f in enumerate(found) if f]
+            values = self.clip.scores([images[i] for i in faced], [prompts[i] for i in faced])
+            for i, value in zip(faced, values.tolist(), strict=True):
+                clip_scores[i] = value
+        kept = [c for c in clip_scores if c is not None]
         return IdentityScores(
             face_distance=float(distance.compute()) if any(found) else math.nan,
-            clip_score=clip_score,
+            clip_score=math.fsum(kept) / len(kept) if kept else math.nan,
             faceless_count=int(faceless.compute()["count"]),
             images=len(images),
             distances=per_face,
@@ -161,4 +207,6 @@ class IdentityScorer:
             identity_match_rate=float(match.compute()),  # NaN without images
             threshold=self.threshold,
             face_model=self.face_model.model_name,
+            clip_scores=clip_scores,
+            seconds={"face": face_seconds, "clip": time.perf_counter() - started},
         )

@@ -93,6 +93,6 @@ def test_finished_run_cannot_be_resumed_and_extending_says_what_the_schedule_doe
     assert f"is {1e-3 * factor[8]:.3g} (the old plan had {1e-3 * factor[4]:.3g})" in message
     acc = EventAccumulator(longer.trainer.log_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    logged = {e.step: e.value for e in acc.Scalars("lr-AdamW/unet")}
+    logged = {e.step: e.value for e in acc.Scalars("train/lr/unet")}
     # ... and it does what it says: the first resumed step trains at that rate (the monitor logs it one step on).
     assert logged[min(logged)] == pytest.approx(1e-3 * factor[8], rel=1e-6)

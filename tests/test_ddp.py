@@ -26,6 +26,10 @@ from lightning_modules.lora_diffusion import LoRADiffusion
 
 
 def faces(self, prompts, seeds):
+    import os
+    from pathlib import Path
+
+    Path("MARKER_DIR", "generated-by-rank-" + os.environ.get("LOCAL_RANK", "0")).touch()
     if self.global_step == {BEST_STEP}:
         return [astronaut().crop((118, 19, 328, 229))] * len(prompts)
     return lfw_faces(len(prompts))
@@ -49,7 +53,7 @@ def test_two_process_fit_and_resume(demo_cli, tmp_path):
     ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
     common = [*ddp, "--validation.every_n_steps=2", "--checkpoint.every_n_train_steps=2"]
     script = tmp_path / "train_with_faces.py"
-    script.write_text(WRAPPER)
+    script.write_text(WRAPPER.replace("MARKER_DIR", str(tmp_path)))
     first = run(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=4"), script)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = sorted((tmp_path / "demo").iterdir())
@@ -74,6 +78,8 @@ def test_two_process_fit_and_resume(demo_cli, tmp_path):
     assert best["global_step"] == BEST_STEP
     validation_state = next(v for k, v in best["callbacks"].items() if k.startswith("IdentityValidation"))
     assert validation_state["best_face_distance"] < 0.4  # the person's own face (strangers: 0.45 and more)
+    # Rank 0 alone generates the validation images it alone scores.
+    assert sorted(p.name for p in tmp_path.glob("generated-by-rank-*")) == ["generated-by-rank-0"]
 
     resumed = run(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=6", "--ckpt_path=last"), script)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

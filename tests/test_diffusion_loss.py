@@ -7,7 +7,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lightning_modules.diffusion_loss import diffusion_loss, loss_target, min_snr_weights, sample_latents
+from lightning_modules.diffusion_loss import (
+    diffusion_loss,
+    face_loss_weights,
+    loss_target,
+    min_snr_weights,
+    sample_latents,
+)
 
 
 def sd_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -64,15 +70,17 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma, weighted):
     scheduler = sd_scheduler(prediction_type)
     latents = torch.randn(2, 4, 32, 32)
     hidden = torch.randn(2, 77, 32)
     prediction = torch.randn(2, 4, 32, 32)
     unet = Recorder(prediction)
+    weight = torch.rand(2, 1, 32, 32) * 3 if weighted else None  # one weight per latent pixel, all channels
 
     torch.manual_seed(7)
-    loss = diffusion_loss(unet, scheduler, latents, hidden, snr_gamma=snr_gamma)
+    loss = diffusion_loss(unet, scheduler, latents, hidden, snr_gamma=snr_gamma, loss_weight=weight)
 
     # Replay the same random draws by hand: noise, timesteps.
     torch.manual_seed(7)
@@ -82,7 +90,11 @@ def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma)
     a = torch.from_numpy(alphas_cumprod_numpy()[t.numpy()]).float().view(-1, 1, 1, 1)
     torch.testing.assert_close(unet.noisy, a.sqrt() * latents + (1 - a).sqrt() * noise, rtol=1e-4, atol=1e-4)
     target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    squared = (prediction - target) ** 2
+    if weighted:  # written out as a sum over pixels and channels, divided by their count
+        per_sample = torch.stack([(squared[b] * weight[b, 0][None]).sum() / (4 * 32 * 32) for b in range(2)])
+    else:
+        per_sample = squared.mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = (a / (1 - a)).flatten()
         per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
@@ -117,3 +129,17 @@ def test_noise_offset_shifts_each_channel():
     # With a zero prediction the loss is E[noise^2]: a large per-channel offset raises it far above 1.
     assert plain.item() == pytest.approx(1.0, abs=0.2)
     assert offset.item() > 5
+
+
+def test_face_loss_weights_by_hand():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1  # a face on 4 of 16 pixels
+    mask[0, 0, 2, 0] = 0.5  # and a feathered pixel
+    weights = face_loss_weights(mask, face_weight=2.0, background_weight=0.5)
+    raw = {1.0: 2.0, 0.5: 1.25, 0.0: 0.5}  # background + (face - background) * mask
+    mean = (4 * 2.0 + 1.25 + 11 * 0.5) / 16
+    assert weights[0, 0, 0, 0].item() == pytest.approx(raw[1.0] / mean)
+    assert weights[0, 0, 2, 0].item() == pytest.approx(raw[0.5] / mean)
+    assert weights[0, 0, 3, 3].item() == pytest.approx(raw[0.0] / mean)
+    assert weights[0].mean().item() == pytest.approx(1.0)  # the loss keeps its scale
+    torch.testing.assert_close(weights[1], torch.ones(1, 4, 4))  # no face: an even loss

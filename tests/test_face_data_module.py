@@ -67,3 +67,24 @@ def test_ranks_train_on_disjoint_shards_that_cover_the_data(demo_photos, tiny_to
     assert set(served[0]) | set(served[1]) == set(captions)
     # Disjoint but for the one photo that pads an odd count (as DistributedSampler pads).
     assert len(set(served[0]) & set(served[1])) == len(served[0]) + len(served[1]) - len(captions)
+
+
+def test_faces_are_found_only_when_the_crop_or_the_loss_needs_them(demo_photos, tiny_tokenizer, tmp_path):
+    def setup(**kwargs) -> FaceDataModule:
+        dm = FaceDataModule(data_dir=str(demo_photos), resolution=32, cache_dir=str(tmp_path), **kwargs)
+        dm.tokenizer = tiny_tokenizer
+        dm.setup("fit")
+        return dm
+
+    plain = setup()
+    assert plain.train_dataset.faces is None and plain.face_report is None
+    assert not (tmp_path / "face_boxes").exists()  # no detector run, nothing written
+    for kwargs, mask in (({"crop": "face"}, False), ({}, True)):
+        dm = FaceDataModule(data_dir=str(demo_photos), resolution=32, cache_dir=str(tmp_path), **kwargs)
+        dm.tokenizer, dm.serve_face_mask = tiny_tokenizer, mask
+        dm.setup("fit")
+        faces = dm.train_dataset.faces
+        assert faces is not None and len(faces) == len(dm.pairs) and all(face.box for face in faces)
+        assert ("face_mask" in dm.train_dataset[0]) == mask
+    assert len(list((tmp_path / "face_boxes").glob("*.json"))) == len(dm.pairs)  # detected once, then reused
+    assert (dm.face_report.reused, dm.face_report.encoded) == (len(dm.pairs), 0)

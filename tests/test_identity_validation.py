@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -45,6 +47,15 @@ def steps(acc: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
+def scalar(acc: EventAccumulator, tag: str, step: int) -> float:
+    return next(e.value for e in acc.Scalars(tag) if e.step == step)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as file:
+        return list(csv.DictReader(file))
+
+
 def test_fit_logs_metrics_and_images_without_changing_training(args, demo_photos, tmp_path):
     common = ["--trainer.max_steps=6", "--trainer.log_every_n_steps=1", "--model.lora_dropout=0.2"]
     common += ["--checkpoint.every_n_train_steps=100", "--export.on_checkpoint=false"]
@@ -78,12 +89,27 @@ def test_fit_logs_metrics_and_images_without_changing_training(args, demo_photos
     assert [e.step for e in images] == [0, 2, 4, 6]
     assert images[0].height == 3 * ROW_HEIGHT  # one row per prompt
     assert sorted(p.name for p in (run / "validation" / "step000004").glob("*.png")) == [
-        f"valid_image_{i}.png" for i in range(3)
+        "grid.png",
+        *(f"valid_image_{i}.png" for i in range(3)),
     ]
-    assert (
-        Image.open(run / "validation/step000004/valid_image_1.png").text["prompt"]
-        == ((demo_photos.parent / "validation_prompts.txt").read_text().splitlines()[1])
-    )
+    prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
+    assert Image.open(run / "validation/step000004/valid_image_1.png").text["prompt"] == prompts[1]
+    # Each validation's scores.json, scores.csv and grid.png beside its images (issue #11).
+    step_dir = run / "validation" / "step000004"
+    document = json.loads((step_dir / "scores.json").read_text(encoding="utf-8"))
+    assert (document["images"], document["faceless_count"], document["face_distance"]) == (3, 3, None)
+    assert document["identity_match_rate"] == 0.0 and document["settings"]["scored"]["step"] == 4
+    assert document["settings"]["photos"] == str(demo_photos)
+    rows = read_csv(step_dir / "scores.csv")
+    assert [(r["file"], r["prompt"], r["verdict"]) for r in rows] == [
+        (f"valid_image_{i}.png", prompts[i], "no face") for i in range(3)
+    ]
+    assert Image.open(step_dir / "grid.png").height == 3 * ROW_HEIGHT
+    # val/seconds is the whole validation: generating, then each scoring stage (issue #11).
+    for step in (0, 2, 4, 6):
+        parts = [scalar(acc, f"val/seconds_{part}", step) for part in ("generate", "face", "clip")]
+        assert scalar(acc, "val/seconds", step) >= sum(parts) and parts[0] > 0 and parts[1] > 0
+    assert document["seconds"]["total"] == pytest.approx(scalar(acc, "val/seconds", 4), abs=1e-3)
     # Validation changed nothing in training: same losses, same LoRA weights (dropout on, so modes matter).
     losses_a = [e.value for e in acc.Scalars("train/loss")]
     losses_b = [e.value for e in events(Path(plain.trainer.log_dir)).Scalars("train/loss")]
@@ -146,6 +172,15 @@ def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_p
     assert "val/rubric_points" not in logged
     assert "rubric n/a: rubric needs GhostFaceNet, not Dlib" in caplog.text
     assert f"the person in {matches}/{len(prompts)} (Dlib euclidean_l2 distance <= {threshold:.3f})" in caplog.text
+    # scores.csv: each image's own distance and CLIP score; the faced rows average to the logged numbers.
+    rows = read_csv(Path(cli.trainer.log_dir) / "validation" / "step000000" / "scores.csv")
+    per_image = clip.scores([images[i] for i in faced], [prompts[i] for i in faced]).tolist()
+    assert [r["face_found"] == "true" for r in rows] == [e is not None for e in generated]
+    assert [float(rows[i]["clip_score"]) for i in faced] == pytest.approx(per_image, rel=1e-6, abs=1e-6)
+    expected_each = [np.mean([np.linalg.norm(norm(generated[i]) - norm(r)) for r in reference]) for i in faced]
+    assert [float(rows[i]["distance"]) for i in faced] == pytest.approx(expected_each, rel=1e-6)
+    assert np.mean([float(rows[i]["clip_score"]) for i in faced]) == pytest.approx(logged["val/clip_score"], abs=1e-4)
+    assert [r["verdict"] for r in rows].count("no face") == logged["val/faceless_count"]
 
 
 def test_best_identity_checkpoint(args, demo_photos, tiny_clip, tmp_path, monkeypatch):
@@ -250,7 +285,10 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     acc = events(run)
     assert steps(acc, "test/faceless_count") == [1]  # logged at the checkpoint's step
     assert acc.Scalars("test/seconds")[0].value > 0
-    assert sorted(p.name for p in test_dir.glob("*.png")) == sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
+    images = sorted(f"valid_image_{i}.png" for i in range(len(prompts)))
+    assert sorted(p.name for p in test_dir.glob("valid_image_*.png")) == images
+    assert {"scores.json", "scores.csv", "grid.png"} <= {p.name for p in test_dir.iterdir()}  # as validation does
+    assert json.loads((test_dir / "scores.json").read_text())["settings"]["scored"]["stage"] == "test"
     out = tmp_path / "predicted"
     main(
         args(
@@ -307,9 +345,7 @@ def test_reference_scores_see_photos_as_training_does(demo_photos, tmp_path, mon
     callback = IdentityValidation()
     callback._pairs = [Pair(tmp_path / "rotated.jpg", "a"), Pair(tmp_path / "deep.png", "b")]
     seen = []
-    scores = SimpleNamespace(
-        as_metrics=lambda stage: {}, face_distance=float("nan"), images=2, matches=[], face_model="Dlib", threshold=0.4
-    )
+    scores = SimpleNamespace(as_metrics=lambda stage: {}, summary=lambda: "")
     callback.scorer = SimpleNamespace(score=lambda images, captions: seen.extend(images) or scores)
     callback._log_reference(SimpleNamespace(loggers=[]))
     for image, pair in zip(seen, callback._pairs, strict=True):

@@ -87,7 +87,7 @@ def test_resize_crop_scale(tmp_path, tiny_tokenizer):
 def test_random_crop_and_flip_follow_the_seed(tmp_path, tiny_tokenizer):
     Image.fromarray(gradient_image(90, 40)).save(tmp_path / "x.png")
     dataset = ImageCaptionDataset(
-        [Pair(tmp_path / "x.png", "c")], tiny_tokenizer, resolution=40, center_crop=False, random_flip=True
+        [Pair(tmp_path / "x.png", "c")], tiny_tokenizer, resolution=40, crop="random", random_flip=True
     )
     full = torch.from_numpy(np.asarray(Image.fromarray(gradient_image(90, 40))).astype(np.float32) / 127.5 - 1).permute(
         2, 0, 1

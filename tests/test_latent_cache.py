@@ -82,9 +82,48 @@ def test_a_trained_text_encoder_gets_tokens(tiny_sd, photos, tmp_path):
 
 
 def test_random_crops_are_encoded_live(model, photos, tmp_path):
-    dm = data_module(model, photos, tmp_path / "cache", center_crop=False)
+    dm = data_module(model, photos, tmp_path / "cache", crop="random")
     assert dm.train_dataset.latents is None and "pixel_values" in dm.train_dataset[(0, 3)]
     assert not (tmp_path / "cache").exists()
+
+
+def test_face_crops_are_cached_and_equal_their_live_encoding(model, photos, tmp_path):
+    cache = tmp_path / "cache"
+    center = data_module(model, photos, cache, random_flip=True)
+    dm = FaceDataModule(data_dir=str(photos), resolution=64, cache_dir=str(cache), crop="face", random_flip=True)
+    dm.tokenizer, dm.serve_face_mask, dm.latent_factor = model.tokenizer, True, model.latent_scale_factor
+    dm.setup("fit")
+    dm.prepare_encodings(model)
+    dataset, n = dm.train_dataset, len(dm.train_dataset)
+    # Each face square is an entry of its own (the demo photos are square: some face squares are the whole photo).
+    sizes = [(face.width, face.height) for face in dataset.faces]
+    moved = [i for i in range(n) if dataset.window(i, sizes[i], None).box != (0, 0, *sizes[i])]
+    assert 0 < len(moved) < n and dm.latent_cache_report.encoded == 2 * n
+    cached = dataset.latents
+    for i in range(n):
+        for seed in range(3):
+            item = dataset[(i, seed)]
+            dataset.latents = None  # the same sample, served live: pixels to encode now
+            live = dataset[(i, seed)]
+            dataset.latents = cached
+            mean, std = model.latent_moments(live["pixel_values"][None])
+            torch.testing.assert_close(item["latent_mean"], mean[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(item["latent_std"], std[0], rtol=1e-4, atol=1e-5)
+            assert torch.equal(item["face_mask"], live["face_mask"])  # the mask needs no pixels and no VAE
+        if i in moved:  # and it is another crop than the center crop
+            assert (center.train_dataset.latents[i, False][0] - cached[i, False][0]).abs().max() > 1e-2
+
+
+def test_dropped_captions_get_the_empty_prompts_embedding(model, photos, tmp_path):
+    dataset = data_module(model, photos, tmp_path / "cache", caption_dropout=0.5).train_dataset
+    seeds = {dataset.draw(3, seed, None)[2]: seed for seed in range(20)}
+    empty = model.tokenizer("", padding="max_length", return_tensors="pt").input_ids
+    want = {True: model.text_encoder(empty, return_dict=False)[0][0]}
+    want[False] = model.text_encoder(dataset.input_ids[3][None], return_dict=False)[0][0]
+    for dropped, seed in seeds.items():
+        item = dataset[(3, seed)]
+        torch.testing.assert_close(item["encoder_hidden_states"], want[dropped], rtol=1e-4, atol=1e-5)
+    assert (want[True] - want[False]).abs().max() > 1e-3
 
 
 def test_second_run_reuses_and_changed_or_corrupt_entries_are_rebuilt(model, photos, tmp_path):

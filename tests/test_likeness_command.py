@@ -99,3 +99,15 @@ def test_top_level_optimizer_in_a_config_file_is_refused(capsys, tmp_path):
 def test_export_subcommand_is_the_export_command(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", str(tmp_path / "missing.ckpt"))
     assert code == 2 and "no such checkpoint file" in err and "likeness" not in err.split("error:")[0]
+
+
+def test_score_subcommand_has_a_short_help_and_one_line_errors(capsys):
+    code, out, _ = run_cli(capsys, "score", "--help")
+    assert code == 0 and out.startswith("usage: likeness score") and len(out.splitlines()) < 40
+    for option in ("--images", "--lora", "--ckpt", "--base", "--photos", "--prompts", "--clip-model", "--out"):
+        assert option in out, option
+    code, out, err = run_cli(capsys, "score", "--photos", "x")
+    assert code == 2 and not out and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "--images" in err and "--ckpt" in err and "usage:" not in err
+    code, _, err = run_cli(capsys, "score", "--images", "x", "--prompt", "p")  # no abbreviations, as fit
+    assert code == 2 and "unrecognized arguments: --prompt" in err

@@ -276,3 +276,12 @@ def test_default_names_differ_between_runs_and_steps(cli_run, demo_cli, tmp_path
         assert _read(kohya)[0]["ss_output_name"] == kohya.stem
         names.add(kohya.stem)
     assert len(names) == 2
+
+
+def test_export_command_counts_captions_as_trained(demo_photos):
+    # `likeness export` re-reads the captions: with a trigger-word template, as the run trained on them (#12).
+    from callbacks.checkpoint_export import _captions
+
+    raw = sorted(p.read_text(encoding="utf-8").strip() for p in demo_photos.glob("*.txt"))
+    templated = _captions({"data_dir": str(demo_photos), "caption_template": "photo of sks woman, {caption}"})
+    assert sorted(templated) == [f"photo of sks woman, {caption}" for caption in raw]
