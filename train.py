@@ -78,7 +78,8 @@ def _runs_folder(trainer_config: Any) -> Path:
 
 def _check_before_loading(subcommand: str, config: Namespace) -> None:
     """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
-    files, crop and caption settings, and an 8-bit optimizer on a machine that cannot run it (issue #9)."""
+    files, crop and caption settings, the CLIP and face models, and an 8-bit optimizer on a machine that cannot run
+    it (issue #9)."""
     from datamodules.face_data_module import check_crop_and_captions, read_prompts
     from datamodules.folder_scan import load_pairs
 
@@ -95,6 +96,15 @@ def _check_before_loading(subcommand: str, config: Namespace) -> None:
         read_prompts(_plain(data["validation_prompts"]), "data.validation_prompts")
     if subcommand == "predict" and data.get("predict_prompts") is not None:
         read_prompts(_plain(data["predict_prompts"]), "data.predict_prompts")
+    validation = config.get("validation")
+    if subcommand in ("fit", "validate", "test") and validation is not None:
+        # The scoring models, before the base model loads: offline, a missing one stops here in seconds (#11).
+        from metrics.clip_score import check_clip_available
+        from metrics.face_model import FaceModel
+
+        if validation.get("clip_model"):
+            check_clip_available(validation["clip_model"])
+        FaceModel(validation["face_model"], validation["face_detector"]).check()
     optimizer = str(_class_path(config["model"].get("optimizer")) or "")
     if optimizer.startswith("bitsandbytes."):
         accelerator = str(config["trainer"].get("accelerator") or "auto")

@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from transformers import AutoTokenizer, CLIPModel
 
-from lightning_modules.hub_access import HubAccessError, hub_local_only, hub_offline, not_cached_message
+from lightning_modules.hub_access import HubAccessError, hub_local_only, hub_offline, is_cached, not_cached_message
 
 try:  # transformers >= 5: the PIL implementation, the same maths as the HW's (slow) CLIPImageProcessor
     from transformers import CLIPImageProcessorPil as _ImageProcessor
@@ -34,6 +34,26 @@ class ClipModelError(RuntimeError):
 
 SETTING = "validation.clip_model"
 SKIP = f" — or set {SETTING} null to skip the CLIP score (`likeness score`: --clip-model none)"
+
+
+def check_clip_available(model_name_or_path: str | Path) -> None:
+    """Raise the error ``load_clip`` would give for a missing model, in seconds and without loading it: a local folder
+    must hold ``config.json``; a Hub id must be in the local cache or reachable (one quick probe)."""
+    name = str(model_name_or_path)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{SETTING} {path}: not a CLIP model folder (no config.json). Give a folder written by "
+                f"CLIPModel.save_pretrained plus its tokenizer and image processor, or a Hub id like {HW_CLIP!r}{SKIP}."
+            )
+        return
+    try:
+        local_only = hub_local_only(name, None, SETTING)
+    except HubAccessError as err:
+        raise ClipModelError(f"{err}{SKIP}.") from err
+    if local_only and not is_cached(name, "config.json"):
+        raise ClipModelError(f"{not_cached_message(name, SETTING, SKIP)}.")
 
 
 def load_clip(model_name_or_path: str | Path) -> tuple[CLIPModel, object, object]:

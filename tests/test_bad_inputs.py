@@ -261,6 +261,20 @@ def test_missing_clip_offline_fails_fast_naming_the_setting(demo_cli, tmp_path, 
     monkeypatch.setattr(hub_access, "HfApi", DeadHub)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     started = time.monotonic()
-    err = run_bad(demo_cli, tmp_path, capsys, ["--validation.clip_model=likeness-test/clip-not-cached"])
+    args = ["--validation.clip_model=likeness-test/clip-not-cached", "--model.pretrained_model_name_or_path=/no/model"]
+    err = run_bad(demo_cli, tmp_path, capsys, args)
     assert time.monotonic() - started < 10
     assert "validation.clip_model likeness-test/clip-not-cached" in err and "null" in err, err
+    assert "/no/model" not in err  # found before the base model loads
+
+
+def test_missing_face_model_offline_is_named_before_the_base_model_loads(demo_cli, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path / "empty-deepface-home"))  # no weights there
+    args = [
+        "--validation.face_model=GhostFaceNet",
+        "--validation.face_detector=ssd",
+        "--model.pretrained_model_name_or_path=/no/model",
+    ]
+    err = run_bad(demo_cli, tmp_path, capsys, args)
+    assert "--validation.face_model GhostFaceNet --validation.face_detector ssd" in err and "/no/model" not in err, err
