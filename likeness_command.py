@@ -8,12 +8,14 @@ use torchvision), its weight-loading bars, and Lightning's product tips.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import logging
+import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -88,6 +90,37 @@ def quiet_library_noise() -> None:
 
 
 quiet_library_noise()
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Bad input: one clear message and exit code 2, not a traceback. Everything written so far stays valid."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from callbacks.atomic_checkpoint_io import CheckpointWriteError
+    from datamodules.folder_scan import DataFolderError
+    from lightning_modules.base_model import BaseModelError
+    from metrics.clip_score import ClipModelError
+    from metrics.face_model import FaceModelError
+
+    try:
+        yield
+    except (
+        DataFolderError,
+        BaseModelError,
+        FaceModelError,
+        ClipModelError,
+        CheckpointWriteError,
+        MisconfigurationException,
+        OSError,  # FileNotFoundError, a full disk (ENOSPC) while exporting: the message names the file
+        ValueError,
+        KeyError,  # a checkpoint that lacks LoRA tensors of its settings (LoRADiffusion.on_load_checkpoint)
+    ) as err:
+        if os.environ.get("LIKENESS_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 class LikenessParser(LightningArgumentParser):

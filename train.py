@@ -10,26 +10,21 @@ from __future__ import annotations
 
 # isort: off
 # First: importing it quiets what the libraries below print while they are imported (issue #10).
-from likeness_command import LikenessParser, cli
+from likeness_command import LikenessParser, cli, reported_errors
 # isort: on
 
-import contextlib
-import os
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.atomic_checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from callbacks.identity_validation import IdentityValidation
 from callbacks.image_writer import ImageWriter
 from callbacks.lora_ema import LoraEMA
@@ -253,34 +248,6 @@ class _ParseOnlyCLI(LikenessCLI):
 
     def before_instantiate_classes(self) -> None:
         raise _Parsed(self.config[self.config["subcommand"]])
-
-
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """Bad input: one clear message and exit code 2, not a traceback. Everything written so far stays valid."""
-    from datamodules.folder_scan import DataFolderError
-    from lightning_modules.base_model import BaseModelError
-    from metrics.clip_score import ClipModelError
-    from metrics.face_model import FaceModelError
-
-    try:
-        yield
-    except (
-        DataFolderError,
-        BaseModelError,
-        FaceModelError,
-        ClipModelError,
-        CheckpointWriteError,
-        MisconfigurationException,
-        OSError,  # FileNotFoundError, a full disk (ENOSPC) while exporting: the message names the file
-        ValueError,
-        KeyError,
-    ) as err:
-        if os.environ.get("LIKENESS_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
-        raise SystemExit(2) from err
 
 
 def _cli(cli_class: type[LikenessCLI], args: list[str] | None) -> LikenessCLI:

@@ -13,7 +13,6 @@ faceless count, and writes ``scores.json``, ``scores.csv`` and ``grid.png`` (see
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from callbacks.prompt_grid import prompt_grid, save_images
 from datamodules.files import default_cache_dir
 from metrics.clip_score import HW_CLIP
 from metrics.score_files import ScoreFiles
-from metrics.score_inputs import ScoreInputError, ScoreInputs
+from metrics.score_inputs import ScoreInputs
 
 # A run's own validation settings (config.yaml), else these: the offline face stack and the HW's CLIP.
 DEFAULTS = {"face_model": "Dlib", "face_detector": "dlib", "clip_model": HW_CLIP}
@@ -227,29 +226,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """``likeness score ...``; bad input exits 2 with one ``error: ...`` line."""
-    from datamodules.folder_scan import DataFolderError
-    from lightning_modules.base_model import BaseModelError
-    from metrics.clip_score import ClipModelError
-    from metrics.face_model import FaceModelError
+    from likeness_command import reported_errors
 
     args = vars(parser().parse_args(argv))
-    try:
+    with reported_errors():
         return ScoreCommand(**args).run()
-    except (
-        ScoreInputError,
-        DataFolderError,
-        BaseModelError,
-        FaceModelError,
-        ClipModelError,
-        OSError,
-        ValueError,
-        KeyError,  # a checkpoint that lacks LoRA tensors of its own settings (LoRADiffusion.on_load_checkpoint)
-    ) as err:
-        if os.environ.get("LIKENESS_DEBUG"):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
-        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":
