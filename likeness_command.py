@@ -53,6 +53,7 @@ MAIN_SETTINGS = (
     ),
     ("--ema.decay D", "EMA of the LoRA weights (e.g. 0.999) for validation, checkpoints and LoRA files"),
     ("--data.crop face", "crop around the detected face (center, random, face)"),
+    ("--model.prior_loss_weight W", "prior preservation, with --data.prior_prompts '[a photo of a man]' (0: off)"),
     ("--ckpt_path CKPT", "resume: a .ckpt, a run folder, or `last` (the newest run's last.ckpt)"),
     ("--trainer.logger.init_args.name NAME", "run name: logs/NAME/version_N"),
     ("--print_config", "print every setting's value and stop"),

@@ -75,7 +75,7 @@ def _check_before_loading(subcommand: str, config: Namespace) -> None:
     """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
     files, crop and caption settings, the CLIP and face models, and an 8-bit optimizer on a machine that cannot run
     it (issue #9)."""
-    from datamodules.face_data_module import check_crop_and_captions, read_prompts
+    from datamodules.face_data_module import check_crop_and_captions, check_prior_settings, read_prompts
     from datamodules.folder_scan import load_pairs
 
     data = config["data"]
@@ -89,6 +89,8 @@ def _check_before_loading(subcommand: str, config: Namespace) -> None:
             load_pairs(data["data_dir"], data["skip_bad_files"])
     if subcommand in ("fit", "validate", "test"):
         read_prompts(_plain(data["validation_prompts"]), "data.validation_prompts")
+    if subcommand == "fit":
+        check_prior_settings(float(config["model"].get("prior_loss_weight") or 0.0), _plain(data.get("prior_prompts")))
     if subcommand == "predict" and data.get("predict_prompts") is not None:
         read_prompts(_plain(data["predict_prompts"]), "data.predict_prompts")
     validation = config.get("validation")

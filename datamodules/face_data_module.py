@@ -90,6 +90,18 @@ def check_crop_and_captions(
     return crop  # type: ignore[return-value]
 
 
+def check_prior_settings(prior_loss_weight: float, prior_prompts: str | list[str] | None) -> list[str]:
+    """The regularisation prompts of prior preservation (issue #12); a weight without prompts fails here, naming
+    both settings (train.py can call it with the ``model`` and ``data`` config before the base model loads)."""
+    prompts = read_prompts(prior_prompts, "data.prior_prompts")
+    if prior_loss_weight > 0 and not prompts:
+        raise ValueError(
+            f"model.prior_loss_weight {prior_loss_weight} needs regularisation prompts: set data.prior_prompts to a "
+            "file with one prompt per line or a list (e.g. '[a photo of a man]'), or model.prior_loss_weight to 0."
+        )
+    return prompts
+
+
 class FaceDataModule(L.LightningDataModule):
     """Photos of one person, each ``NAME.jpg|.jpeg|.png|.webp`` beside a ``NAME.txt`` caption.
 
@@ -132,6 +144,9 @@ class FaceDataModule(L.LightningDataModule):
             memory, halved until it fits).
         predict_prompts: prompts for ``predict`` (file or list); default: the validation prompts.
         images_per_prompt: images per prompt in ``predict``.
+        prior_prompts: regularisation prompts of prior preservation (a text file with one prompt per line, or a
+            list), e.g. "a photo of a man": the class of the person, not the person. Used when
+            ``model.prior_loss_weight`` > 0, which the data module then hands them to before step 1.
     """
 
     def __init__(
@@ -153,6 +168,7 @@ class FaceDataModule(L.LightningDataModule):
         validation_batch_size: int | None = None,
         predict_prompts: str | list[str] | None = None,
         images_per_prompt: int = 1,
+        prior_prompts: str | list[str] | None = None,
         cache_latents: bool = True,
         cache_dir: str | None = None,
         center_crop: bool = True,
@@ -177,6 +193,7 @@ class FaceDataModule(L.LightningDataModule):
         # Set by hand without a trainer; else asked of the model (`face_loss_weighted`, `latent_scale_factor`).
         self.serve_face_mask: bool | None = None
         self.latent_factor: int | None = None
+        self.prior_prompt_list: list[str] = []  # what the model trains prior preservation with (empty: off)
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate", "test"):
@@ -187,6 +204,7 @@ class FaceDataModule(L.LightningDataModule):
             if self.tokenizer is None:
                 raise RuntimeError("FaceDataModule needs the base model's tokenizer (model.tokenizer).")
             hp, model = self.hparams, self.trainer.lightning_module if self.trainer is not None else None
+            self.prior_prompt_list = self._prior_prompts_for(model)
             self.pairs = load_pairs(hp.data_dir, hp.skip_bad_files)
             face_mask = self.serve_face_mask
             if face_mask is None:
@@ -206,6 +224,18 @@ class FaceDataModule(L.LightningDataModule):
                 caption_dropout=hp.caption_dropout,
             )
             rank_zero_info(f"Training on {len(self.pairs)} image-caption pairs from {hp.data_dir}")
+
+    def _prior_prompts_for(self, model: L.LightningModule | None) -> list[str]:
+        """The regularisation prompts if the model trains prior preservation; a weight without prompts fails."""
+        weight = float(getattr(model, "hparams", {}).get("prior_loss_weight", 0.0))
+        prompts = check_prior_settings(weight, self.hparams.prior_prompts)
+        if prompts and not getattr(model, "prior_preservation", False):
+            rank_zero_warn(
+                f"data.prior_prompts holds {len(prompts)} prompt(s), but model.prior_loss_weight is 0: they are not "
+                "used. Set model.prior_loss_weight (e.g. 1.0) for prior preservation."
+            )
+            return []
+        return prompts
 
     def _cache_root(self) -> Path:
         return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else default_cache_dir() / "latents"
@@ -289,8 +319,9 @@ class FaceDataModule(L.LightningDataModule):
 
         Latents (the VAE's moments) when ``cache_latents`` and the crops never change (center, or face without
         jitter); the text encoder's hidden states of the captions and the empty prompt when
-        ``model.text_encoder_frozen``. ``model`` gives ``vae``, ``latent_moments(pixels)`` and
-        ``encode_prompts(input_ids)``. Rank 0 encodes and writes the latent cache; the other ranks read it.
+        ``model.text_encoder_frozen``; the base text encoder's view of the regularisation prompts when the model
+        trains prior preservation (``model.use_prior_prompts``). ``model`` gives ``vae``, ``latent_moments(pixels)``
+        and ``encode_prompts(input_ids)``. Rank 0 encodes and writes the latent cache; the other ranks read it.
         """
         dataset, hp = self.train_dataset, self.hparams
         if hp.cache_latents and not dataset.cacheable:
@@ -327,6 +358,13 @@ class FaceDataModule(L.LightningDataModule):
             if hp.caption_dropout:  # dropped captions train on the empty prompt
                 dataset.empty_hidden_state = model.encode_prompts(dataset.empty_input_ids[None]).float().cpu()[0]
             rank_zero_info(f"Text encoder frozen: embeddings of the {len(ids)} captions computed once.")
+        if self.prior_prompt_list:
+            model.use_prior_prompts(self.prior_prompt_list)
+            rank_zero_info(
+                f"Prior preservation: {len(self.prior_prompt_list)} regularisation prompt(s), weight "
+                f"{model.hparams.prior_loss_weight}; the base model's view of them computed once. Each step runs the "
+                "UNet on twice the batch, and once more without gradient for the base model's prediction."
+            )
 
     def prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
         items = [{"prompt": p, "index": i, "repeat": r} for i, p in enumerate(prompts) for r in range(repeats)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -16,7 +18,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from lightning_modules.base_model import load_base_model
-from lightning_modules.diffusion_loss import diffusion_loss, face_loss_weights, sample_latents
+from lightning_modules.diffusion_loss import (
+    DiffusionLoss,
+    PriorPreservation,
+    adapters_disabled,
+    diffusion_loss_terms,
+    face_loss_weights,
+    sample_latents,
+)
 from lightning_modules.finite import check_finite
 from lightning_modules.generation import BatchedGeneration
 from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast, use_compile_cache
@@ -28,6 +37,17 @@ LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 
 def adamw(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)
+
+
+@dataclass(frozen=True)
+class PriorPrompts:
+    """Regularisation prompts of prior preservation: their token ids and the base text encoder's view of them, on
+    the model's device. The base view never changes, so it is computed once (:meth:`LoRADiffusion.use_prior_prompts`).
+    """
+
+    prompts: list[str]
+    input_ids: torch.Tensor
+    base_encoder_hidden_states: torch.Tensor
 
 
 class LoRADiffusion(L.LightningModule):
@@ -61,6 +81,11 @@ class LoRADiffusion(L.LightningModule):
             an even loss, and no face detection.
         background_loss_weight: loss weight of the pixels away from the face. Weights are scaled per image to
             average 1, so only their ratio matters: 1.0 / 0.3 makes a face pixel count 3.3 times a background one.
+        prior_loss_weight: prior preservation without class images (issue #12); 0 = off. Each step draws one of
+            the regularisation prompts (``data.prior_prompts``, e.g. "a photo of a man") per sample; for those the
+            target is the base model's own prediction (all adapters off) on the same noisy latents, and the total
+            loss is the photos' loss + ``prior_loss_weight`` × this prior loss: the LoRA learns the person without
+            making every person look like them. Costs two more UNet passes a step (one without gradient).
         prediction_type: ``epsilon`` or ``v_prediction``; default: the base model scheduler's.
         num_inference_steps: sampler steps when generating (validation, test, predict; HW: 30).
         guidance_scale: classifier-free guidance scale when generating (diffusers' default 7.5).
@@ -101,6 +126,7 @@ class LoRADiffusion(L.LightningModule):
         snr_gamma: float | None = None,
         face_loss_weight: float = 1.0,
         background_loss_weight: float = 1.0,
+        prior_loss_weight: float = 0.0,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
@@ -129,6 +155,11 @@ class LoRADiffusion(L.LightningModule):
                 "model.lora_dropout must lie in [0, 1), model.num_inference_steps be 1 or more and "
                 f"model.lr_warmup_steps 0 or more (given {lora_dropout}, {num_inference_steps}, {lr_warmup_steps})."
             )
+        if not (prior_loss_weight >= 0 and math.isfinite(prior_loss_weight)):  # `not >=` also catches NaN
+            raise ValueError(
+                f"model.prior_loss_weight {prior_loss_weight}: give 0 (off) or a positive number (1.0: a "
+                "regularisation prompt counts as much as a photo), with the prompts in data.prior_prompts."
+            )
         if callable(self.hparams.get("optimizer")):
             # Built in Python: a function cannot go into a weights_only checkpoint. (LightningCLI saves the
             # optimizer as its class_path dict, which stays.)
@@ -137,6 +168,8 @@ class LoRADiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.loaded_step = 0  # global step of the checkpoint loaded for validate/test/predict
         self._resumed_plan: int | None = None  # planned steps of the run a resumed checkpoint came from
+        # Set before step 1 by the data module (data.prior_prompts), or by hand: use_prior_prompts.
+        self.prior_prompts: PriorPrompts | None = None
         # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.
         base = load_base_model(
             pretrained_model_name_or_path,
@@ -213,11 +246,22 @@ class LoRADiffusion(L.LightningModule):
         return (base_seed * 1_000_003 + batch_number * 101 + self.global_rank) % 2**63
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", terms.loss, prog_bar=True, batch_size=batch_size)
+        if terms.prior_loss is not None:
+            # train/loss is what trains (the total); the photos' part alone stays comparable with runs without it.
+            self.log("train/identity_loss", terms.identity_loss.detach(), batch_size=batch_size)
+            self.log("train/prior_loss", terms.prior_loss.detach(), batch_size=batch_size)
+        return terms.loss
+
+    def loss_terms(self, batch: dict[str, Any]) -> DiffusionLoss:
+        """The training loss of ``batch`` and its parts, drawn from the step's own seed (:meth:`step_seed`)."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._lora_inputs_under_autocast():
             torch.manual_seed(self.step_seed())
             latents = self.batch_latents(batch)
-            loss = diffusion_loss(
+            return diffusion_loss_terms(
                 self.unet,
                 self.noise_scheduler,
                 latents,
@@ -225,9 +269,8 @@ class LoRADiffusion(L.LightningModule):
                 noise_offset=self.hparams.noise_offset,
                 snr_gamma=self.hparams.snr_gamma,
                 loss_weight=self.batch_loss_weight(batch, latents),
+                prior=self.batch_prior(latents.shape[0]),
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
 
     def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents of a batch: drawn from the cached latent moments, or from encoding the pixels now."""
@@ -260,6 +303,51 @@ class LoRADiffusion(L.LightningModule):
         if mask.shape[-2:] != latents.shape[-2:]:
             mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear")
         return face_loss_weights(mask, self.hparams.face_loss_weight, self.hparams.background_loss_weight)
+
+    @property
+    def prior_preservation(self) -> bool:
+        """Prior preservation is on: the data module must hand over the regularisation prompts."""
+        return self.hparams.prior_loss_weight > 0
+
+    def use_prior_prompts(self, prompts: list[str]) -> None:
+        """Train prior preservation with these regularisation prompts: tokenized, and the base text encoder's view
+        of them (its LoRA off, if it has one) computed once now, on the model's device."""
+        if not prompts:
+            raise ValueError(
+                f"model.prior_loss_weight {self.hparams.prior_loss_weight} needs regularisation prompts: set "
+                "data.prior_prompts to a file or a list (e.g. '[a photo of a man]'), or model.prior_loss_weight to 0."
+            )
+        input_ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        # The trained text encoder's LoRA must not colour the target: it is the base model's own view of the prompt.
+        base_view = nullcontext() if self.text_encoder_frozen else adapters_disabled(self.text_encoder)
+        with base_view:
+            base = self.encode_prompts(input_ids).float()
+        self.prior_prompts = PriorPrompts(list(prompts), input_ids, base)
+
+    def batch_prior(self, batch_size: int) -> PriorPreservation | None:
+        """One regularisation prompt per sample, drawn from the global RNG (the step's seed: a resume draws the
+        same); ``None`` without prior preservation (then nothing is drawn)."""
+        if not self.prior_preservation:
+            return None
+        prior = self.prior_prompts
+        if prior is None:
+            raise ValueError(
+                f"model.prior_loss_weight {self.hparams.prior_loss_weight} needs regularisation prompts: set "
+                "data.prior_prompts (FaceDataModule hands them to the model before step 1), or call "
+                "use_prior_prompts(prompts) when training without it; or set model.prior_loss_weight to 0."
+            )
+        drawn = torch.randint(len(prior.prompts), (batch_size,)).to(prior.input_ids.device)
+        input_ids = prior.input_ids[drawn].to(self.device)
+        base = prior.base_encoder_hidden_states[drawn].to(self.device)
+        # A frozen text encoder is the base one; a trained one's LoRA view is computed now, with gradient.
+        hidden = base if self.text_encoder_frozen else self.text_encoder(input_ids, return_dict=False)[0]
+        return PriorPreservation(self.hparams.prior_loss_weight, hidden, base)
 
     def batch_text_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
         """The text encoder's hidden states: cached ones when the text encoder is frozen, else computed now."""

@@ -8,7 +8,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from lightning_modules.diffusion_loss import (
+    PriorPreservation,
     diffusion_loss,
+    diffusion_loss_terms,
     face_loss_weights,
     loss_target,
     min_snr_weights,
@@ -99,6 +101,91 @@ def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma,
         snr = (a / (1 - a)).flatten()
         per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
     torch.testing.assert_close(loss, per_sample.mean(), rtol=1e-4, atol=1e-6)
+
+
+class AdapterRecorder(torch.nn.Module):
+    """A stand-in UNet with adapters: the base model's fixed prediction with them off; with them on, fixed
+    predictions for the photos and for the regularisation prompts (a batch of both). Records every call."""
+
+    def __init__(self, prediction, prior_prediction, base_prediction, fail_base: bool = False):
+        super().__init__()
+        self.prediction, self.prior_prediction, self.base_prediction = prediction, prior_prediction, base_prediction
+        self.dtype = torch.float32
+        self.adapters_on, self.fail_base = True, fail_base
+        self.calls = []
+
+    def disable_adapters(self):
+        self.adapters_on = False
+
+    def enable_adapters(self):
+        self.adapters_on = True
+
+    def forward(self, noisy, timesteps, hidden, return_dict=False):
+        self.calls.append({"noisy": noisy, "t": timesteps, "hidden": hidden, "on": self.adapters_on})
+        self.calls[-1]["grad"] = torch.is_grad_enabled()
+        if not self.adapters_on:
+            if self.fail_base:
+                raise RuntimeError("out of memory")
+            return (self.base_prediction,)
+        return (torch.cat([self.prediction, self.prior_prediction]),)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_prior_preservation_by_hand(prediction_type, snr_gamma):
+    """Total = photos' loss (face-weighted) + weight × prior loss, the prior's target the adapters-off prediction on
+    the same noisy latents and timesteps; min-SNR weighs both, the face mask only the photos'."""
+    scheduler = sd_scheduler(prediction_type)
+    g = torch.Generator().manual_seed(0)
+    latents, prediction, prior_prediction, base_prediction = (torch.randn(3, 4, 16, 16, generator=g) for _ in "abcd")
+    hidden, prior_hidden, base_hidden = (torch.randn(3, 77, 32, generator=g) for _ in "abc")
+    weight = torch.rand(3, 1, 16, 16, generator=g) * 3
+    unet = AdapterRecorder(prediction, prior_prediction, base_prediction)
+    prior = PriorPreservation(0.25, prior_hidden, base_hidden)
+
+    torch.manual_seed(7)
+    terms = diffusion_loss_terms(unet, scheduler, latents, hidden, snr_gamma=snr_gamma, loss_weight=weight, prior=prior)
+
+    torch.manual_seed(7)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (3,))
+    a = torch.from_numpy(alphas_cumprod_numpy()[t.numpy()]).float().view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    base_call, train_call = unet.calls
+    # The base model (adapters off, no gradient) on the photos' noisy latents and timesteps, the base prompt view...
+    assert not base_call["on"] and not base_call["grad"] and base_call["hidden"] is base_hidden
+    torch.testing.assert_close(base_call["noisy"], noisy, rtol=1e-4, atol=1e-4)
+    assert torch.equal(base_call["t"], t)
+    # ... then photos and prompts in one batch, adapters on, with gradient.
+    assert train_call["on"] and train_call["grad"] and torch.equal(train_call["t"], torch.cat([t, t]))
+    assert torch.equal(train_call["noisy"], torch.cat([base_call["noisy"]] * 2))
+    assert torch.equal(train_call["hidden"], torch.cat([hidden, prior_hidden]))
+    assert unet.adapters_on
+
+    target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+    identity = torch.stack(
+        [((prediction[b] - target[b]) ** 2 * weight[b, 0][None]).sum() / (4 * 16 * 16) for b in range(3)]
+    )
+    prior_loss = ((prior_prediction - base_prediction) ** 2).mean(dim=(1, 2, 3))  # no face weights
+    if snr_gamma is not None:
+        snr = (a / (1 - a)).flatten()
+        snr_weight = torch.clamp(snr, max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+        identity, prior_loss = identity * snr_weight, prior_loss * snr_weight
+    torch.testing.assert_close(terms.identity_loss, identity.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms.prior_loss, prior_loss.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms.loss, identity.mean() + 0.25 * prior_loss.mean(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(terms.prior_target, base_prediction) and torch.equal(terms.prior_prediction, prior_prediction)
+    torch.manual_seed(7)
+    assert torch.equal(diffusion_loss(unet, scheduler, latents, hidden, None, snr_gamma, weight, prior), terms.loss)
+
+
+def test_adapters_come_back_on_after_an_error():
+    x = torch.zeros(1, 4, 8, 8)
+    unet = AdapterRecorder(x, x, x, fail_base=True)
+    prior = PriorPreservation(1.0, torch.zeros(1, 77, 32), torch.zeros(1, 77, 32))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        diffusion_loss_terms(unet, sd_scheduler("epsilon"), x, torch.zeros(1, 77, 32), prior=prior)
+    assert unet.adapters_on
 
 
 def test_sample_latents_draws_as_the_vae_does(tiny_sd):
