@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from callbacks.export_facts import (
     FALLBACK_NAME,
@@ -30,6 +29,7 @@ from callbacks.export_facts import (
     training_settings,
 )
 from callbacks.lora_ema import ema_settings
+from callbacks.run_folders import run_config
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_formats import export_lora
 
@@ -65,18 +65,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         )
     check_finite(checkpoint["state_dict"], str(path), "Nothing was exported: use an earlier checkpoint of the run.")
     return checkpoint
-
-
-def _run_trainer_config(ckpt_path: Path) -> dict[str, Any]:
-    """The ``trainer`` section of the run's ``config.yaml`` (LightningCLI writes it beside ``checkpoints/``), if any."""
-    for folder in (ckpt_path.parent.parent, ckpt_path.parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            try:
-                return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("trainer") or {}
-            except (yaml.YAMLError, AttributeError):
-                return {}  # not the CLI's config: the facts it would add are optional
-    return {}
 
 
 def _captions(datamodule_hparams: dict[str, Any]) -> list[str]:
@@ -123,7 +111,7 @@ def export_checkpoint(
     # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
     module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
     dm_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    trainer_config = _run_trainer_config(ckpt_path)
+    trainer_config = run_config(ckpt_path).get("trainer") or {}
     groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
     callbacks = checkpoint.get("callbacks") or {}
     name = name or callbacks.get("LoraExport", {}).get("name") or FALLBACK_NAME

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import yaml
 
 
 def log_dir(trainer: L.Trainer) -> Path:
@@ -93,3 +95,16 @@ class DropEmptyRun(L.Callback):
 def _has_scalars(files: set[Path]) -> bool:
     """Whether any TensorBoard event file in ``files`` holds a logged value (more than its file header)."""
     return any(p.name.startswith("events.out.tfevents.") and p.stat().st_size > 200 for p in files)
+
+
+def run_config(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's run config (``config.yaml``, which LightningCLI writes beside ``checkpoints/``), or ``{}``."""
+    for folder in (ckpt.parent.parent, ckpt.parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            try:
+                loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return {}  # not the CLI's config: the command's defaults apply
+            return loaded if isinstance(loaded, dict) else {}
+    return {}

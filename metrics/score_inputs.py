@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import Image, UnidentifiedImageError
 
 from callbacks.prompt_grid import IMAGE_NAME
+from callbacks.run_folders import run_config
 from datamodules.folder_scan import IMAGE_SUFFIXES, DataFolderError, Pair, load_pairs
 from metrics.score_files import GRID_PNG
 
@@ -105,19 +105,6 @@ def lora_file(given: Path) -> Path:
     if not any("lora" in key for key in keys):
         raise ScoreInputError(f"--lora {given}: holds no LoRA tensors (no lora_* keys); is it a base model?")
     return given
-
-
-def run_config(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint's run config (``config.yaml``, which LightningCLI writes beside ``checkpoints/``), or ``{}``."""
-    for folder in (ckpt.parent.parent, ckpt.parent):
-        config = folder / "config.yaml"
-        if config.is_file():
-            try:
-                loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError):
-                return {}  # not the CLI's config: the command's defaults apply
-            return loaded if isinstance(loaded, dict) else {}
-    return {}
 
 
 class ScoreInputs:
