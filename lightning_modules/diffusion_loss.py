@@ -205,19 +205,3 @@ def diffusion_loss_terms(
         prior_target,
         prior_prediction,
     )
-
-
-def diffusion_loss(
-    unet: UNet2DConditionModel,
-    scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    noise_offset: float = 0.0,
-    snr_gamma: float | None = None,
-    loss_weight: torch.Tensor | None = None,
-    prior: PriorPreservation | None = None,
-) -> torch.Tensor:
-    """The total loss of :func:`diffusion_loss_terms` (which also returns its parts)."""
-    return diffusion_loss_terms(
-        unet, scheduler, latents, encoder_hidden_states, noise_offset, snr_gamma, loss_weight, prior
-    ).loss

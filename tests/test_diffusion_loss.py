@@ -9,7 +9,6 @@ from diffusers import DDPMScheduler
 
 from lightning_modules.diffusion_loss import (
     PriorPreservation,
-    diffusion_loss,
     diffusion_loss_terms,
     face_loss_weights,
     loss_target,
@@ -82,7 +81,7 @@ def test_diffusion_loss_matches_a_manual_computation(prediction_type, snr_gamma,
     weight = torch.rand(2, 1, 32, 32) * 3 if weighted else None  # one weight per latent pixel, all channels
 
     torch.manual_seed(7)
-    loss = diffusion_loss(unet, scheduler, latents, hidden, snr_gamma=snr_gamma, loss_weight=weight)
+    loss = diffusion_loss_terms(unet, scheduler, latents, hidden, snr_gamma=snr_gamma, loss_weight=weight).loss
 
     # Replay the same random draws by hand: noise, timesteps.
     torch.manual_seed(7)
@@ -175,8 +174,6 @@ def test_prior_preservation_by_hand(prediction_type, snr_gamma):
     torch.testing.assert_close(terms.prior_loss, prior_loss.mean(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms.loss, identity.mean() + 0.25 * prior_loss.mean(), rtol=1e-4, atol=1e-6)
     assert torch.equal(terms.prior_target, base_prediction) and torch.equal(terms.prior_prediction, prior_prediction)
-    torch.manual_seed(7)
-    assert torch.equal(diffusion_loss(unet, scheduler, latents, hidden, None, snr_gamma, weight, prior), terms.loss)
 
 
 def test_adapters_come_back_on_after_an_error():
@@ -210,9 +207,9 @@ def test_noise_offset_shifts_each_channel():
     hidden = torch.zeros(1, 77, 32)
     unet = Recorder(torch.zeros(1, 4, 32, 32))
     torch.manual_seed(3)
-    plain = diffusion_loss(unet, scheduler, latents, hidden)
+    plain = diffusion_loss_terms(unet, scheduler, latents, hidden).loss
     torch.manual_seed(3)
-    offset = diffusion_loss(unet, scheduler, latents, hidden, noise_offset=10.0)
+    offset = diffusion_loss_terms(unet, scheduler, latents, hidden, noise_offset=10.0).loss
     # With a zero prediction the loss is E[noise^2]: a large per-channel offset raises it far above 1.
     assert plain.item() == pytest.approx(1.0, abs=0.2)
     assert offset.item() > 5
