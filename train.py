@@ -75,7 +75,7 @@ def _check_before_loading(subcommand: str, config: Namespace) -> None:
     """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
     files, crop and caption settings, the CLIP and face models, and an 8-bit optimizer on a machine that cannot run
     it (issue #9)."""
-    from datamodules.face_data_module import check_crop_and_captions, check_prior_settings, read_prompts
+    from datamodules.data_settings import check_crop_and_captions, check_prior_settings, read_prompts
     from datamodules.folder_scan import load_pairs
 
     data = config["data"]

@@ -25,7 +25,9 @@ from callbacks.export_facts import (
 )
 from callbacks.lora_ema import active_ema, ema_weights
 from callbacks.run_folders import checkpoint_dir, log_dir
-from lightning_modules.lora_formats import export_lora, has_lora, kohya_state_dict
+from lightning_modules.kohya_lora import kohya_state_dict
+from lightning_modules.lora_adapter import has_lora
+from lightning_modules.lora_formats import export_lora
 
 
 class LoraExport(L.Callback):

@@ -13,16 +13,19 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from tqdm.auto import tqdm
 
 from datamodules.files import write_atomically
 from datamodules.latent_cache import CacheReport, file_digest
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
 
 # Bump when what an entry means changes (detector call, coordinates): old entries are then not read.
 FORMAT = "likeness-face-boxes-1"
@@ -186,3 +189,41 @@ class FaceBoxes:
         return self._deepface.extract_faces(
             bgr, detector_backend=self.detector_backend, enforce_detection=False, align=False
         )
+
+
+def find_faces(
+    boxes: FaceBoxes,
+    images: list[Path],
+    strategy: Strategy | None = None,
+    rank: int = 0,
+    face_crop: bool = False,
+    face_mask: bool = False,
+) -> tuple[list[PhotoFace], CacheReport]:
+    """Every training photo's face box, from the face-box cache or detected now (rank 0; the others read).
+
+    Logs how many were found, and warns of the photos without a face (they train on the center crop with
+    ``face_crop``, on an even loss with ``face_mask``) and, with ``face_crop``, of those whose square cuts the face.
+    """
+    if strategy is not None and rank != 0:
+        strategy.barrier()  # rank 0 detects and writes the entries first
+    faces, report = boxes.find(images, progress=rank == 0)
+    if strategy is not None and rank == 0:
+        strategy.barrier()
+    found = sum(face.box is not None for face in faces)
+    rank_zero_info(
+        f"Faces ({boxes.detector_backend}) found in {found} of {len(faces)} photos ({report.reused} from "
+        f"{boxes.folder}, {report.encoded} detected now)."
+    )
+    faceless = [image.name for image, face in zip(images, faces, strict=True) if face.box is None]
+    if faceless:
+        uses = [what for what, used in (("the center crop", face_crop), ("an even loss", face_mask)) if used]
+        rank_zero_warn(
+            f"No face found in {len(faceless)} photo(s); they train on {' and '.join(uses)}: {', '.join(faceless)}"
+        )
+    cut = [image.name for image, face in zip(images, faces, strict=True) if face.box and not face.fits]
+    if cut and face_crop:
+        rank_zero_warn(
+            f"The face box is wider or taller than the short side in {len(cut)} photo(s), so their square crop "
+            f"cuts it: {', '.join(cut)}"
+        )
+    return faces, report

@@ -4,102 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from datamodules.data_settings import check_crop_and_captions, check_prior_settings, check_sizes, read_prompts
+from datamodules.encodings import prepare_encodings
 from datamodules.epoch_sampler import EpochSampler
-from datamodules.face_boxes import FaceBoxes, PhotoFace
+from datamodules.face_boxes import FaceBoxes, find_faces
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import Pair, load_pairs
 from datamodules.image_caption_dataset import Crop, ImageCaptionDataset
-from datamodules.latent_cache import CacheReport, LatentCache, weights_fingerprint
-
-
-def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
-    """Prompts from a list, or from a text file with one prompt per line (blank lines ignored)."""
-    if prompts is None:
-        return []
-    if isinstance(prompts, list):
-        return [p.strip() for p in prompts if p.strip()]
-    path = Path(prompts).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{setting}: prompt file {path} does not exist. Give a text file with one prompt per line, "
-            "or a YAML list of prompts."
-        )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{setting}: prompt file {path} is not UTF-8 text ({err}).") from None
-    found = [line.strip().lstrip("\ufeff") for line in lines if line.strip().lstrip("\ufeff")]
-    if not found:
-        raise ValueError(
-            f"{setting}: prompt file {path} has no prompts. Write one prompt per line, or set {setting}: null."
-        )
-    return found
-
-
-def _check_settings(resolution: int, batch_size: int, images_per_prompt: int) -> None:
-    """Settings that would fail at step 1 (or train on nothing) fail now, naming the setting."""
-    if resolution < 8 or resolution % 8:
-        raise ValueError(f"data.resolution {resolution}: give a positive multiple of 8 (SD1.5 was trained at 512).")
-    if batch_size < 1:
-        raise ValueError(f"data.batch_size {batch_size}: give 1 or more.")
-    if images_per_prompt < 1:
-        raise ValueError(f"data.images_per_prompt {images_per_prompt}: give 1 or more.")
-
-
-def check_crop_and_captions(
-    crop: str = "center",
-    center_crop: bool = True,
-    face_margin: float = 0.75,
-    face_scale_jitter: float = 0.0,
-    caption_template: str = "{caption}",
-    caption_dropout: float = 0.0,
-) -> Crop:
-    """The crop to train with (``center_crop: false`` is the old spelling of ``crop: random``); bad face and caption
-    settings fail here, naming the setting (train.py can call it with the ``data`` config before the model loads)."""
-    if crop not in get_args(Crop):
-        raise ValueError(f"data.crop {crop!r}: choose one of {', '.join(get_args(Crop))}.")
-    if not center_crop:
-        if crop == "face":
-            raise ValueError(
-                "data.center_crop false (a random crop) contradicts data.crop face: drop data.center_crop, which is "
-                "deprecated, and choose with data.crop."
-            )
-        rank_zero_warn("data.center_crop is deprecated: write data.crop: random instead of data.center_crop: false.")
-        crop = "random"
-    if not face_margin >= 0:  # `not >=` also catches NaN
-        raise ValueError(f"data.face_margin {face_margin}: give 0 or more (0.75: a square 2.5 face boxes wide).")
-    if not 0 <= face_scale_jitter < 1:
-        raise ValueError(f"data.face_scale_jitter {face_scale_jitter}: give a number in [0, 1) (0: no jitter).")
-    if "{caption}" not in caption_template:
-        raise ValueError(
-            f"data.caption_template {caption_template!r} has no {{caption}}: write where each caption goes, e.g. "
-            "'photo of sks man, {caption}'."
-        )
-    if not 0 <= caption_dropout < 1:
-        raise ValueError(
-            f"data.caption_dropout {caption_dropout}: give a probability in [0, 1) (0.1: one sample in ten)."
-        )
-    return crop  # type: ignore[return-value]
-
-
-def check_prior_settings(prior_loss_weight: float, prior_prompts: str | list[str] | None) -> list[str]:
-    """The regularisation prompts of prior preservation (issue #12); a weight without prompts fails here, naming
-    both settings (train.py can call it with the ``model`` and ``data`` config before the base model loads)."""
-    prompts = read_prompts(prior_prompts, "data.prior_prompts")
-    if prior_loss_weight > 0 and not prompts:
-        raise ValueError(
-            f"model.prior_loss_weight {prior_loss_weight} needs regularisation prompts: set data.prior_prompts to a "
-            "file with one prompt per line or a list (e.g. '[a photo of a man]'), or model.prior_loss_weight to 0."
-        )
-    return prompts
+from datamodules.latent_cache import CacheReport
 
 
 class FaceDataModule(L.LightningDataModule):
@@ -175,7 +94,7 @@ class FaceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_settings(resolution=resolution, batch_size=batch_size, images_per_prompt=images_per_prompt)
+        check_sizes(resolution=resolution, batch_size=batch_size, images_per_prompt=images_per_prompt)
         self.crop = check_crop_and_captions(
             crop, center_crop, face_margin, face_scale_jitter, caption_template, caption_dropout
         )
@@ -209,13 +128,20 @@ class FaceDataModule(L.LightningDataModule):
             face_mask = self.serve_face_mask
             if face_mask is None:
                 face_mask = bool(getattr(model, "face_loss_weighted", False))
+            faces = None
+            if self.crop == "face" or face_mask:
+                boxes = FaceBoxes(self._cache_root() / "face_boxes", hp.face_detector)
+                images = [pair.image for pair in self.pairs]
+                faces, self.face_report = find_faces(
+                    boxes, images, *self._rank(), face_crop=self.crop == "face", face_mask=face_mask
+                )
             self.train_dataset = ImageCaptionDataset(
                 self.pairs,
                 self.tokenizer,
                 resolution=hp.resolution,
                 crop=self.crop,
                 random_flip=hp.random_flip,
-                faces=self.find_faces(face_mask) if self.crop == "face" or face_mask else None,
+                faces=faces,
                 face_margin=hp.face_margin,
                 face_scale_jitter=hp.face_scale_jitter,
                 face_mask=face_mask,
@@ -244,37 +170,6 @@ class FaceDataModule(L.LightningDataModule):
         if self.trainer is None:
             return None, 0
         return self.trainer.strategy, self.trainer.global_rank
-
-    def find_faces(self, face_mask: bool = False) -> list[PhotoFace]:
-        """Every training photo's face box, from the face-box cache or detected now (rank 0; the others read)."""
-        hp = self.hparams
-        boxes = FaceBoxes(self._cache_root() / "face_boxes", hp.face_detector)
-        strategy, rank = self._rank()
-        if strategy is not None and rank != 0:
-            strategy.barrier()  # rank 0 detects and writes the entries first
-        faces, self.face_report = boxes.find([pair.image for pair in self.pairs], progress=rank == 0)
-        if strategy is not None and rank == 0:
-            strategy.barrier()
-        found = sum(face.box is not None for face in faces)
-        rank_zero_info(
-            f"Faces ({hp.face_detector}) found in {found} of {len(faces)} photos ({self.face_report.reused} from "
-            f"{boxes.folder}, {self.face_report.encoded} detected now)."
-        )
-        faceless = [pair.image.name for pair, face in zip(self.pairs, faces, strict=True) if face.box is None]
-        if faceless:
-            uses = [
-                what for what, used in (("the center crop", self.crop == "face"), ("an even loss", face_mask)) if used
-            ]
-            rank_zero_warn(
-                f"No face found in {len(faceless)} photo(s); they train on {' and '.join(uses)}: {', '.join(faceless)}"
-            )
-        cut = [pair.image.name for pair, face in zip(self.pairs, faces, strict=True) if face.box and not face.fits]
-        if cut and self.crop == "face":
-            rank_zero_warn(
-                f"The face box is wider or taller than the short side in {len(cut)} photo(s), so their square crop "
-                f"cuts it: {', '.join(cut)}"
-            )
-        return faces
 
     @property
     def captions(self) -> list[str]:
@@ -315,56 +210,19 @@ class FaceDataModule(L.LightningDataModule):
         )
 
     def prepare_encodings(self, model: L.LightningModule) -> None:
-        """Cache what the frozen encoders of ``model`` make of the training data, as far as it can be cached.
-
-        Latents (the VAE's moments) when ``cache_latents`` and the crops never change (center, or face without
-        jitter); the text encoder's hidden states of the captions and the empty prompt when
-        ``model.text_encoder_frozen``; the base text encoder's view of the regularisation prompts when the model
-        trains prior preservation (``model.use_prior_prompts``). ``model`` gives ``vae``, ``latent_moments(pixels)``
-        and ``encode_prompts(input_ids)``. Rank 0 encodes and writes the latent cache; the other ranks read it.
-        """
-        dataset, hp = self.train_dataset, self.hparams
-        if hp.cache_latents and not dataset.cacheable:
-            why = "random crops" if self.crop == "random" else "face crops with data.face_scale_jitter > 0"
-            rank_zero_info(
-                f"{why.capitalize()} cannot be cached, so the VAE encodes every batch as it trains (data.crop center, "
-                "or face without jitter, trains from cached latents)."
-            )
-        elif hp.cache_latents and hasattr(model, "latent_moments"):
-            vae = model.vae
-            cache = LatentCache(self._cache_root(), weights_fingerprint(vae.encoder, vae.quant_conv), hp.resolution)
-            flips = (False, True) if hp.random_flip else (False,)
-            strategy, rank = self._rank()
-            if strategy is not None and rank != 0:
-                strategy.barrier()  # rank 0 writes the entries first
-            images = [pair.image for pair in self.pairs]
-            crops = [dataset.crop_key(i) for i in range(len(dataset))]
-            dataset.latents, report = cache.fill(
-                images, flips, dataset.pixels, model.latent_moments, progress=rank == 0, crops=crops
-            )
-            if strategy is not None and rank == 0:
-                strategy.barrier()
-            self.latent_cache_report = report
-            rank_zero_info(
-                f"Latent cache {cache.folder}: {report.reused} entries reused, {report.encoded} encoded"
-                + (f" ({report.rebuilt} corrupt ones rebuilt)" if report.rebuilt else "")
-                + "; the VAE encoder does not run during training."
-            )
-        if getattr(model, "text_encoder_frozen", False):
-            ids = dataset.input_ids
-            dataset.hidden_states = torch.cat(
-                [model.encode_prompts(ids[i : i + 32]).float().cpu() for i in range(0, len(ids), 32)]
-            )
-            if hp.caption_dropout:  # dropped captions train on the empty prompt
-                dataset.empty_hidden_state = model.encode_prompts(dataset.empty_input_ids[None]).float().cpu()[0]
-            rank_zero_info(f"Text encoder frozen: embeddings of the {len(ids)} captions computed once.")
-        if self.prior_prompt_list:
-            model.use_prior_prompts(self.prior_prompt_list)
-            rank_zero_info(
-                f"Prior preservation: {len(self.prior_prompt_list)} regularisation prompt(s), weight "
-                f"{model.hparams.prior_loss_weight}; the base model's view of them computed once. Each step runs the "
-                "UNet on twice the batch, and once more without gradient for the base model's prediction."
-            )
+        """Cache what the frozen encoders of ``model`` make of the training data, as far as it can be cached
+        (:func:`datamodules.encodings.prepare_encodings`); rank 0 writes the latent cache, the others read it."""
+        strategy, rank = self._rank()
+        report = prepare_encodings(
+            self.train_dataset,
+            model,
+            cache_latents=self.hparams.cache_latents,
+            cache_root=self._cache_root(),
+            prior_prompts=self.prior_prompt_list,
+            strategy=strategy,
+            rank=rank,
+        )
+        self.latent_cache_report = report or self.latent_cache_report  # None: no latents cached this time
 
     def prompt_loader(self, prompts: list[str], repeats: int = 1) -> DataLoader:
         items = [{"prompt": p, "index": i, "repeat": r} for i, p in enumerate(prompts) for r in range(repeats)]

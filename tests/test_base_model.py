@@ -18,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightning_modules import base_model as bm
 from lightning_modules import hub_access
+from lightning_modules import single_file_checkpoint as sfc
 from lightning_modules.base_model import BaseModelError, load_base_model
 from lightning_modules.tiny_sd import save_tiny_sd
 
@@ -119,7 +120,7 @@ def test_pipeline_shares_modules_and_matches_diffusers(tiny_dir: Path) -> None:
 
 def test_bundled_sd15_configs_describe_sd15() -> None:
     """The shipped configs build SD1.5's architecture (known parameter counts), on the meta device."""
-    folder = bm.SD15_CONFIG_DIR
+    folder = sfc.SD15_CONFIG_DIR
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
@@ -273,7 +274,7 @@ def test_single_file_without_tokenizer_offline(
 ) -> None:
     """Bundled configs have no tokenizer; offline with nothing cached, the error says how to get one."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(bm, "SD15_HUB_ID", "likeness-test/not-cached")
+    monkeypatch.setattr(sfc, "SD15_HUB_ID", "likeness-test/not-cached")
     with pytest.raises(BaseModelError, match="has no tokenizer.*hf download likeness-test/not-cached"):
         load_base_model(str(single_files["safetensors"]))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.face_data_module import FaceDataModule, read_prompts
+from datamodules.data_settings import read_prompts
+from datamodules.face_data_module import FaceDataModule
 
 
 def test_prompts_from_a_file_or_a_list(tmp_path):

@@ -16,7 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from datamodules.face_data_module import FaceDataModule, check_prior_settings
+from datamodules.data_settings import check_prior_settings
+from datamodules.face_data_module import FaceDataModule
 from lightning_modules.lora_diffusion import LoRADiffusion
 
 PROMPTS = ["a photo of a man", "a photo of a woman"]
