@@ -9,7 +9,11 @@ one process, one after the other. Usage, from the repo root::
     python benchmarks/train_speed.py --likeness-option model.compile=true --likeness-option data.cache_latents=true
     python benchmarks/train_speed.py --model-dir /tmp/sd15-random     # write the random model once, then reuse it
     python benchmarks/train_speed.py --end-to-end --e2e-steps 2000 --e2e-val-every 100
+    python benchmarks/train_speed.py --settings none --generation     # 25 prompts x 30 steps, as validation does
     python benchmarks/train_speed.py --device cpu --resolution 64 --warmup 2 --steps 5
+
+``benchmarks/device_check.sh`` runs it on a GPU machine with the GPU tests. The plain recipe is in
+``plain_recipe.py``, the settings and the step clock in ``speed_settings.py``.
 
 img/s is batch / median step time over the steps after warm-up; a step is timed from the batch being on the
 device to the end of the optimizer step (Lightning's on_train_batch_start/end), "img/s+data" also counts loading
@@ -25,53 +29,24 @@ import argparse
 import contextlib
 import gc
 import inspect
-import itertools
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from plain_recipe import run_plain
+from speed_settings import LR, PROMPTS, SETTINGS, SNR_GAMMA, StepClock, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # likeness's modules are imported inside the functions below
-
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LR = 1e-4
-SNR_GAMMA = 5.0
-PROMPTS = [f"a photo of sks person, synthetic prompt {i}" for i in range(25)]  # --end-to-end validates the first 3
-
-
-@dataclass(frozen=True)
-class Setting:
-    batch: int
-    rank: int
-    alpha: float
-    text_encoder: bool
-
-
-SETTINGS = {
-    "hw": Setting(batch=2, rank=32, alpha=16.0, text_encoder=True),
-    "unet-r4-b8": Setting(batch=8, rank=4, alpha=4.0, text_encoder=False),
-    "unet-r4-b2": Setting(batch=2, rank=4, alpha=4.0, text_encoder=False),
-}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_model_dir(folder: Path, seed: int) -> Path:
@@ -81,7 +56,7 @@ def build_model_dir(folder: Path, seed: int) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.base_model import SD15_CONFIG_DIR as CFG
+    from lightning_modules.single_file_checkpoint import SD15_CONFIG_DIR as CFG
     from lightning_modules.tiny_sd import save_tiny_tokenizer
 
     print(f"writing SD1.5 with random weights to {folder} ...", flush=True)
@@ -126,58 +101,6 @@ def accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-class StepClock(L.Callback):
-    """Step times (CUDA synchronised before each reading), gaps between step ends, and ``origin`` to first step.
-
-    Called by hand in the plain loop; as a Lightning callback it times each optimizer step of a likeness run.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.origin, self.begin = device, time.perf_counter(), 0.0
-        self.last: float | None = None
-        self.first_step_s: float | None = None
-        self.steps: list[float] = []
-        self.gaps: list[float] = []
-
-    def start(self) -> None:
-        sync(self.device)
-        self.begin = time.perf_counter()
-
-    def stop(self) -> None:
-        sync(self.device)
-        now = time.perf_counter()
-        self.steps.append(now - self.begin)
-        if self.last is None:
-            self.first_step_s = now - self.origin
-        else:
-            self.gaps.append(now - self.last)
-        self.last = now
-
-    def on_train_batch_start(self, *_: Any) -> None:
-        self.start()
-
-    def on_train_batch_end(self, *_: Any) -> None:
-        self.stop()
-
-    def summary(self, args: argparse.Namespace, setting: str, path: str, batch: int, **extra: Any) -> dict[str, Any]:
-        """img/s from the median step after warm-up; gaps[i] runs from the end of step i to the end of step i + 1."""
-        timed, gaps = self.steps[args.warmup :], self.gaps[max(args.warmup - 1, 0) :]
-        median = statistics.median(timed) if timed else None
-        return {
-            "setting": setting,
-            "path": path,
-            "batch": batch,
-            "img_per_s": batch / median if median else None,
-            "img_per_s_with_data": batch / statistics.median(gaps) if gaps else None,
-            "median_step_s": median,
-            "steps_timed": len(timed),
-            "first_step_s": self.first_step_s,
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
-            "step_s": [round(t, 5) for t in self.steps],
-            **extra,
-        }
-
-
 class PromptValidation(L.Callback):
     """Stand-in for IdentityValidation: generate the first prompts every ``every`` steps, in eval mode."""
 
@@ -199,6 +122,24 @@ class PromptValidation(L.Callback):
         self.runs += 1
 
 
+def likeness_model_kwargs(args: argparse.Namespace, name: str, model_dir: Path) -> dict[str, Any]:
+    """LoRADiffusion's settings for a benchmark setting, with the ``--likeness-option model.X=`` ones applied."""
+    s = SETTINGS[name]
+    model_kw: dict[str, Any] = {
+        "pretrained_model_name_or_path": str(model_dir),
+        "frozen_dtype": "bfloat16" if args.precision == "bf16-mixed" else "float32",
+        "lora_rank": s.rank,
+        "lora_alpha": s.alpha,
+        "train_text_encoder": s.text_encoder,
+        "snr_gamma": SNR_GAMMA,
+        **({"text_encoder_lr": LR} if s.text_encoder else {}),
+    }
+    for key, value in args.likeness_option:
+        if key.startswith("model."):
+            model_kw[key.split(".", 1)[1]] = value
+    return model_kw
+
+
 def run_likeness(
     args: argparse.Namespace,
     name: str,
@@ -214,21 +155,13 @@ def run_likeness(
     from lightning_modules.lora_diffusion import LoRADiffusion
 
     s = SETTINGS[name]
-    model_kw: dict[str, Any] = {
-        "pretrained_model_name_or_path": str(model_dir),
-        "frozen_dtype": "bfloat16" if args.precision == "bf16-mixed" else "float32",
-        "lora_rank": s.rank,
-        "lora_alpha": s.alpha,
-        "train_text_encoder": s.text_encoder,
-        "snr_gamma": SNR_GAMMA,
-        **({"text_encoder_lr": LR} if s.text_encoder else {}),
-    }
+    model_kw = likeness_model_kwargs(args, name, model_dir) | (model_extra or {})
     data_kw: dict[str, Any] = {"data_dir": str(photos), "resolution": args.resolution, "batch_size": s.batch}
     if "cache_dir" in inspect.signature(FaceDataModule.__init__).parameters:
         data_kw["cache_dir"] = str(run_dir / "cache")  # a fresh cache per run: its cost shows in "first step s"
-    model_kw.update(model_extra or {})
     for key, value in args.likeness_option:
-        (model_kw if key.startswith("model.") else data_kw)[key.split(".", 1)[1]] = value
+        if key.startswith("data."):
+            data_kw[key.split(".", 1)[1]] = value
     L.seed_everything(args.seed, verbose=False)
     start = time.perf_counter()
     module = LoRADiffusion(**accepted(LoRADiffusion, model_kw))
@@ -256,84 +189,31 @@ def run_likeness(
     return clock.summary(args, name, "likeness", s.batch, load_s=load_s, total_s=total_s, hparams=hparams)
 
 
-class PhotoDataset(Dataset):
-    """The example's preprocessing: short side to ``resolution`` (bicubic), center crop, [-1, 1], token ids."""
+def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """The HW setting's model generating all 25 prompts at ``--generation-steps`` sampler steps and ``--resolution``,
+    as a validation does (one call; fewer at a time only if memory runs out), twice: the first call warms up
+    (cuDNN's algorithm search, compiling), the second is the figure."""
+    from lightning_modules.lora_diffusion import LoRADiffusion
 
-    def __init__(self, folder: Path, tokenizer: Any, resolution: int) -> None:
-        self.images, self.tokenizer, self.resolution = sorted(folder.glob("*.png")), tokenizer, resolution
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        path, size = self.images[index], self.resolution
-        image = Image.open(path).convert("RGB")
-        scale = size / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(caption, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        return {"pixel_values": pixels, "input_ids": ids.input_ids[0]}
-
-
-def run_plain(args: argparse.Namespace, name: str, model_dir: Path, photos: Path, max_steps: int) -> dict[str, Any]:
-    """The recipe of diffusers' train_text_to_image_lora.py as a plain PyTorch loop (no accelerate, no compile)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import compute_snr
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    s, device, bf16 = SETTINGS[name], torch.device(args.device), args.precision == "bf16-mixed"
-    weight_dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    load_s = time.perf_counter() - start
-    clock = StepClock(device)  # "first step s" counts from here, as likeness's counts from trainer.fit
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-        model.to(device, dtype=weight_dtype)
-    lora = {"r": s.rank, "lora_alpha": s.alpha, "init_lora_weights": "gaussian"}
-    unet.add_adapter(LoraConfig(**lora, target_modules=UNET_TARGETS))
-    if s.text_encoder:
-        text_encoder.add_adapter(LoraConfig(**lora, target_modules=TEXT_ENCODER_TARGETS))
-    params = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    unet.train()
-    text_encoder.train(s.text_encoder)
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    loader = DataLoader(PhotoDataset(photos, tokenizer, args.resolution), batch_size=s.batch, shuffle=True)
-    # accelerate autocasts the forward of every prepared model: the UNet, and the text encoder when it trains.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for batch in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), max_steps):
-        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
-        input_ids = batch["input_ids"].to(device)
-        clock.start()
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy = scheduler.add_noise(latents, noise, t)
-        with autocast:
-            hidden = text_encoder(input_ids, return_dict=False)[0]
-            prediction = unet(noisy, t, hidden, return_dict=False)[0]
-        snr = compute_snr(scheduler, t)
-        weights = torch.clamp(snr, max=SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
-        loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-        (loss * weights).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        clock.stop()
-    total_s = time.perf_counter() - clock.origin
-    return clock.summary(args, name, "plain", s.batch, load_s=load_s, total_s=total_s)
+    settings = {"num_inference_steps": args.generation_steps, "image_size": args.resolution}
+    model_kw = likeness_model_kwargs(args, "hw", model_dir) | settings
+    module = LoRADiffusion(**accepted(LoRADiffusion, model_kw)).to(args.device).eval()
+    device, seeds, seconds = torch.device(args.device), list(range(len(PROMPTS))), []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        images = module.generate(PROMPTS, seeds)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "prompts": len(images),
+        "steps": args.generation_steps,
+        "resolution": args.resolution,
+        "first_call_s": seconds[0],
+        "seconds": seconds[1],
+        "images_per_call": module.batched_generation.max_batch or len(PROMPTS),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+    }
 
 
 def free_memory() -> None:
@@ -376,7 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu")
     p.add_argument("--precision", help="Lightning precision; default bf16-mixed on cuda, 32-true on cpu")
-    p.add_argument("--settings", default="hw,unet-r4-b8", help=f"comma list of {', '.join(SETTINGS)}, or all")
+    p.add_argument("--settings", default="hw,unet-r4-b8", help=f"comma list of {', '.join(SETTINGS)}, all or none")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
@@ -389,9 +269,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--end-to-end", action="store_true", help="one likeness hw run with validation every N steps")
     p.add_argument("--e2e-steps", type=int, default=2000)
     p.add_argument("--e2e-val-every", type=int, default=100)
+    p.add_argument("--generation", action="store_true", help="time generating the 25 prompts (HW setting's model)")
+    p.add_argument("--generation-steps", type=int, default=30)
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
-    args.settings = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
+    named = {"all": list(SETTINGS), "none": []}
+    args.settings = named.get(args.settings, args.settings.split(","))
     for name in args.settings:
         if name not in SETTINGS:
             p.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)} or all")
@@ -432,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             e2e = run_likeness(args, "hw", model_dir, photos, work / "run-e2e", args.e2e_steps, [validation], extra)
             e2e.update(validation_runs=validation.runs, validation_s=validation.seconds)
             free_memory()
+        generation = None
+        if args.generation:
+            print(f"--- generation: {len(PROMPTS)} prompts x {args.generation_steps} steps", flush=True)
+            generation = time_generation(args, model_dir)
+            free_memory()
     by_key = {(r["setting"], r["path"]): r["img_per_s"] for r in results}
     ratios: dict[str, float | None] = {}
     for name in args.settings:
@@ -449,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "ratio_likeness_over_plain": ratios,
         "end_to_end": e2e,
+        "generation": generation,
     }
     print(f"\ndevice: {report['device']}  torch {report['torch']}  precision {args.precision}  ", end="")
     print(f"resolution {args.resolution}  warm-up {args.warmup} + timed {args.steps} steps")
@@ -456,6 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if e2e is not None:
         print(f"end-to-end (likeness hw, {args.e2e_steps} steps): total {e2e['total_s']:.1f} s, ", end="")
         print(f"{e2e['validation_runs']} validations took {e2e['validation_s']:.1f} s")
+    if generation is not None:
+        print(
+            f"generation ({generation['prompts']} prompts x {generation['steps']} steps, {args.resolution} px, ", end=""
+        )
+        print(f"{generation['images_per_call']} per call): {generation['seconds']:.1f} s ", end="")
+        print(f"(first call {generation['first_call_s']:.1f} s), peak {fmt(generation['peak_gpu_gib'], '.2f')} GiB")
     text = json.dumps(report, default=str)
     print(f"JSON: {text}")
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from devices import CPU_AND_CUDA
 from PIL import Image
 
 from lightning_modules.generation import BatchedGeneration
@@ -13,8 +14,9 @@ from lightning_modules.lora_diffusion import LoRADiffusion
 GREY_LEVELS = 2  # float rounding across batch shapes (issue #9: "within 2 grey levels on the demo model")
 
 
-def test_batched_images_equal_one_at_a_time(tiny_sd):
-    model = LoRADiffusion(str(tiny_sd), num_inference_steps=8, train_text_encoder=True)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_batched_images_equal_one_at_a_time(tiny_sd, device):
+    model = LoRADiffusion(str(tiny_sd), num_inference_steps=8, train_text_encoder=True).to(device)
     with torch.no_grad():  # a LoRA that changes the pictures, so its layers are part of what is compared
         for param in model.trainable_parameters():
             param.copy_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))

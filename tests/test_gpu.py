@@ -1,0 +1,116 @@
+"""Training and generating on a GPU as `fit` does (bf16-mixed, bfloat16 frozen weights, fused AdamW, CUDA graphs).
+
+Each test runs on the CPU here too, except CUDA graphs, which exist on CUDA only: ``pytest -m gpu`` on a machine
+with a GPU runs the CUDA half (``benchmarks/device_check.sh`` does, with the speed benchmark).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from devices import CPU_AND_CUDA, CUDA
+
+from datamodules.face_data_module import FaceDataModule
+from lightning_modules.lora_diffusion import LoRADiffusion
+
+
+class Losses(L.Callback):
+    """Every step's loss, and ``generate`` prompts at the given steps as the validation callback does (eval mode,
+    no gradient, then training again)."""
+
+    def __init__(self, generate_at: tuple[int, ...] = ()) -> None:
+        self.losses: list[float] = []
+        self.graphs: list[int] = []  # graphs dynamo compiled so far, after each step (and its generation)
+        self.generate_at, self.images = generate_at, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if trainer.global_step in self.generate_at:
+            pl_module.eval()
+            self.images.append(pl_module.generate(["a photo of sks person", "a red car"], [0, 1]))
+            pl_module.train()
+        self.graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def fit(
+    tiny_sd, photos, tmp_path, device: str, steps: int, callback: L.Callback, cache_latents: bool = True, **model_kw
+) -> LoRADiffusion:
+    L.seed_everything(0, verbose=False)
+    model = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16", num_inference_steps=2, **model_kw)
+    cache = {"cache_latents": cache_latents, "cache_dir": str(tmp_path / "cache")}
+    data = FaceDataModule(data_dir=str(photos), resolution=64, batch_size=2, **cache)
+    trainer = L.Trainer(
+        accelerator=device,
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.fit(model, datamodule=data)
+    return model
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_bf16_training_changes_only_the_float32_lora(tiny_sd, demo_photos, tmp_path, device):
+    L.seed_everything(0, verbose=False)
+    before = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16", train_text_encoder=True).state_dict()
+    losses = Losses()
+    model = fit(tiny_sd, demo_photos, tmp_path, device, 4, losses, train_text_encoder=True)
+    trainable = model.trainable_names()
+    assert trainable and all(np.isfinite(losses.losses)) and len(losses.losses) == 4
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == device, name
+        if name in trainable:  # float32 master weights that trained (lora_B starts at zero)
+            assert tensor.dtype == torch.float32, name
+        else:  # the frozen base model: bfloat16 and bit for bit what was loaded
+            assert tensor.dtype == before[name].dtype and torch.equal(tensor.cpu(), before[name]), name
+    assert any(not torch.equal(model.state_dict()[n].cpu(), before[n]) for n in trainable if "lora_B" in n)
+    optimizer = model.trainer.optimizers[0]
+    assert bool(optimizer.defaults.get("fused")) == (device == "cuda")  # one fused AdamW kernel on a GPU
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_cached_latents_train_like_live_encoding_in_bf16(tiny_sd, demo_photos, tmp_path, device):
+    losses = {}
+    for cached in (True, False):
+        callback = Losses()
+        fit(tiny_sd, demo_photos, tmp_path / str(cached), device, 4, callback, cache_latents=cached)
+        losses[cached] = callback.losses
+    # Same draws: the cache holds what the VAE gives under the same autocast, up to batch-shape rounding in bf16
+    # (measured on the CPU: equal for 3 steps, 2e-4 apart at the 4th). Steps differ from each other far more.
+    tolerance = 3e-3
+    assert losses[True] == pytest.approx(losses[False], rel=tolerance)
+    assert max(losses[True]) / min(losses[True]) > 1 + 10 * tolerance
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_path, device, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    runs = {}
+    for mode in ("eager", "reduce-overhead"):
+        torch._dynamo.reset()
+        # 7 photos in batches of 2: steps 4 and 8 train on the epoch's last photo alone.
+        callback = Losses(generate_at=(2, 4, 6))
+        compiled = {"compile": True, "compile_mode": mode} if mode != "eager" else {}
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # not a silent fallback to eager
+            fit(tiny_sd, demo_photos, tmp_path / mode, device, 8, callback, **compiled)
+        runs[mode] = callback
+    torch._dynamo.reset()
+    eager, graphed = runs["eager"], runs["reduce-overhead"]
+    # CUDA graphs replay into fixed buffers: a stale or overwritten output would change the losses far more.
+    assert graphed.losses == pytest.approx(eager.losses, rel=5e-2)
+    for step_images, eager_images in zip(graphed.images, eager.images, strict=True):
+        for a, b in zip(step_images, eager_images, strict=True):
+            assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() < 3
+    other_seed = np.abs(np.asarray(eager.images[0][0], np.int16) - np.asarray(eager.images[0][1], np.int16)).mean()
+    assert other_seed > 10
+    # Steps 1-4 met every shape (batches of 2 and 1, with and without gradient); from then on, the third
+    # validation included, nothing new was compiled.
+    assert graphed.graphs[3] > 0 and graphed.graphs[-1] == graphed.graphs[3]
