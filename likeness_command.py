@@ -100,9 +100,9 @@ def reported_errors() -> Iterator[None]:
 
     from callbacks.atomic_checkpoint_io import CheckpointWriteError
     from datamodules.folder_scan import DataFolderError
-    from lightning_modules.base_model import BaseModelError
     from metrics.clip_score import ClipModelError
     from metrics.face_model import FaceModelError
+    from stable_diffusion.base_model import BaseModelError
 
     try:
         yield

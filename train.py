@@ -289,7 +289,7 @@ def main(args: list[str] | None = None) -> LikenessCLI:
 
 def prefetch_main(args: list[str]) -> None:
     """``likeness prefetch --config C``: download the base, CLIP and face models that ``fit`` with C needs."""
-    from lightning_modules.model_prefetch import PrefetchSettings, prefetch
+    from stable_diffusion.model_prefetch import PrefetchSettings, prefetch
 
     try:
         _cli(_ParseOnlyCLI, ["fit", *args])

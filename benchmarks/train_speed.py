@@ -1,6 +1,6 @@
 """Training speed of likeness's Lightning path against the plain diffusers-example LoRA recipe, on SD1.5.
 
-The model is the real SD1.5 architecture with random weights (built from ``lightning_modules/model_configs/sd15``)
+The model is the real SD1.5 architecture with random weights (built from ``stable_diffusion/model_configs/sd15``)
 and the photos are synthetic, so nothing is downloaded. Both paths train on the same model folder and photos, in
 one process, one after the other. Usage, from the repo root::
 
@@ -56,8 +56,8 @@ def build_model_dir(folder: Path, seed: int) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.single_file_checkpoint import SD15_CONFIG_DIR as CFG
-    from lightning_modules.tiny_sd import save_tiny_tokenizer
+    from stable_diffusion.single_file_checkpoint import SD15_CONFIG_DIR as CFG
+    from stable_diffusion.tiny_sd import save_tiny_tokenizer
 
     print(f"writing SD1.5 with random weights to {folder} ...", flush=True)
     partial = folder.with_name(folder.name + ".partial")

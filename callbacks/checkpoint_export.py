@@ -31,7 +31,7 @@ from callbacks.export_facts import (
 from callbacks.lora_ema import ema_settings
 from callbacks.run_folders import run_config
 from lightning_modules.finite import check_finite
-from lightning_modules.lora_formats import export_lora
+from lora_files.lora_formats import export_lora
 
 # LoRADiffusion checkpoints hold only the LoRA tensors on purpose; Lightning's warning listing every frozen
 # weight it did not find is noise here (on_load_checkpoint still refuses a checkpoint missing LoRA tensors).
@@ -144,7 +144,7 @@ def export_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``CKPT [--out DIR] [--name NAME] [--base-model PATH]``; bad input exits 2 with one message."""
-    from lightning_modules.base_model import BaseModelError
+    from stable_diffusion.base_model import BaseModelError
 
     parser = argparse.ArgumentParser(
         prog="likeness export",

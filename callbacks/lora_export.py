@@ -25,9 +25,9 @@ from callbacks.export_facts import (
 )
 from callbacks.lora_ema import active_ema, ema_weights
 from callbacks.run_folders import checkpoint_dir, log_dir
-from lightning_modules.kohya_lora import kohya_state_dict
-from lightning_modules.lora_adapter import has_lora
-from lightning_modules.lora_formats import export_lora
+from lora_files.kohya_lora import kohya_state_dict
+from lora_files.lora_adapter import has_lora
+from lora_files.lora_formats import export_lora
 
 
 class LoraExport(L.Callback):

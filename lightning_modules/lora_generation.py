@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lightning_modules.base_model import BaseModel
 from lightning_modules.generation import BatchedGeneration
+from stable_diffusion.base_model import BaseModel
 
 
 def generation_seeds(batch: dict[str, Any], generation_seed: int) -> list[int]:

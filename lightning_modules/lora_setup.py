@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel
 
-from lightning_modules.base_model import BaseModel, load_base_model
 from lightning_modules.mixed_precision import compile_repeated_blocks
+from stable_diffusion.base_model import BaseModel, load_base_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

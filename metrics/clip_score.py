@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from transformers import AutoTokenizer, CLIPModel
 
-from lightning_modules.hub_access import HubAccessError, hub_local_only, hub_offline, is_cached, not_cached_message
+from stable_diffusion.hub_access import HubAccessError, hub_local_only, hub_offline, is_cached, not_cached_message
 
 try:  # transformers >= 5: the PIL implementation, the same maths as the HW's (slow) CLIPImageProcessor
     from transformers import CLIPImageProcessorPil as _ImageProcessor
@@ -60,7 +60,7 @@ def load_clip(model_name_or_path: str | Path) -> tuple[CLIPModel, object, object
     """Load (model, tokenizer, image processor) from a local folder or a Hub id, with clear errors.
 
     A Hub id comes from the local cache when it is there, without the network; otherwise one quick probe decides
-    (``lightning_modules.hub_access``), so an offline machine fails in seconds, not after a minute of retries.
+    (``stable_diffusion.hub_access``), so an offline machine fails in seconds, not after a minute of retries.
     """
     name = str(model_name_or_path)
     path = Path(name).expanduser()

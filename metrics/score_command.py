@@ -163,8 +163,8 @@ class ScoreCommand:
         """The LoRA file on the base model through diffusers' own loader, with the HW's generation settings."""
         import torch
 
-        from lightning_modules.base_model import load_base_model
         from lightning_modules.generation import BatchedGeneration
+        from stable_diffusion.base_model import load_base_model
 
         inputs = self.inputs
         base = load_base_model(inputs.base, torch_dtype=torch.float16 if device == "cuda" else None)

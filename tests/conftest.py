@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-    from lightning_modules.tiny_sd import save_tiny_sd
+    from stable_diffusion.tiny_sd import save_tiny_sd
 
     return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
 

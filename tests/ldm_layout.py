@@ -3,7 +3,7 @@
 The renames are the inverse of diffusers' single-file converters, after diffusers'
 ``scripts/convert_diffusers_to_original_stable_diffusion.py`` (not in the wheel), generalised to any block
 count / ``layers_per_block`` so they fit the tiny test model. Written independently of
-``lightning_modules.base_model``, so a test that loads the file through it compares against something it did
+``stable_diffusion.base_model``, so a test that loads the file through it compares against something it did
 not compute itself. Imported by tests as ``from ldm_layout import ...`` (pytest puts ``tests/`` on the path).
 """
 

@@ -70,7 +70,7 @@ def test_full_disk_stops_with_a_message_and_keeps_earlier_checkpoints(demo_cli, 
 
 
 def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_path, monkeypatch):
-    import lightning_modules.lora_formats as lora_formats
+    import lora_files.lora_formats as lora_formats
     from lightning_modules.lora_diffusion import LoRADiffusion
 
     model = LoRADiffusion(str(tiny_sd), train_text_encoder=True)
@@ -97,7 +97,7 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
 
 
 def test_full_disk_during_lora_export_is_one_message(demo_cli, tmp_path, monkeypatch, capsys):
-    import lightning_modules.lora_formats as lora_formats
+    import lora_files.lora_formats as lora_formats
 
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

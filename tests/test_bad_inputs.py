@@ -251,7 +251,7 @@ def test_missing_clip_offline_fails_fast_naming_the_setting(demo_cli, tmp_path, 
     and the message names the setting and the way out (issue #11)."""
     import huggingface_hub.constants
 
-    from lightning_modules import hub_access
+    from stable_diffusion import hub_access
 
     class DeadHub:
         def model_info(self, *args, **kwargs):

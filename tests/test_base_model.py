@@ -1,4 +1,4 @@
-"""Tests for lightning_modules.base_model: folders, single files (original LDM layout), errors, offline."""
+"""Tests for stable_diffusion.base_model: folders, single files (original LDM layout), errors, offline."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from ldm_layout import ldm_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lightning_modules import base_model as bm
-from lightning_modules import hub_access
-from lightning_modules import single_file_checkpoint as sfc
-from lightning_modules.base_model import BaseModelError, load_base_model
-from lightning_modules.tiny_sd import save_tiny_sd
+from stable_diffusion import base_model as bm
+from stable_diffusion import hub_access
+from stable_diffusion import single_file_checkpoint as sfc
+from stable_diffusion.base_model import BaseModelError, load_base_model
+from stable_diffusion.tiny_sd import save_tiny_sd
 
 
 # ---------------------------------------------------------------------------------------------------------

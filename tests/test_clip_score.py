@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from lightning_modules.tiny_sd import save_tiny_clip
 from metrics.clip_score import ClipScore, _ImageProcessor
+from stable_diffusion.tiny_sd import save_tiny_clip
 
 IMAGE_SIZE = 32
 MEAN = [0.48145466, 0.4578275, 0.40821073]

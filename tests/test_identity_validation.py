@@ -17,10 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from callbacks.prompt_grid import ROW_HEIGHT
 from datamodules.folder_scan import load_pairs
 from lightning_modules.lora_diffusion import LoRADiffusion
-from lightning_modules.tiny_sd import save_tiny_clip
 from metrics.clip_score import ClipScore
 from metrics.face_model import FaceModel
 from metrics.identity_scorer import IdentityScores
+from stable_diffusion.tiny_sd import save_tiny_clip
 from train import main
 
 

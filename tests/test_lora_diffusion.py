@@ -125,7 +125,7 @@ def test_a_module_built_in_python_saves_a_weights_only_checkpoint(tiny_sd, demo_
 def test_sampler_setting_picks_the_inference_scheduler(tiny_sd):
     from diffusers import DDIMScheduler
 
-    from lightning_modules.base_model import BaseModelError
+    from stable_diffusion.base_model import BaseModelError
 
     module = LoRADiffusion(str(tiny_sd), prediction_type="v_prediction")
     scheduler = module.base.pipeline(sampler="DDIMScheduler").scheduler

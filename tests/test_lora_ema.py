@@ -20,7 +20,7 @@ from callbacks.checkpoint_export import export_checkpoint
 from callbacks.lora_ema import LoraEMA, ema_weights
 from callbacks.lora_export import LoraExport
 from lightning_modules.lora_diffusion import LoRADiffusion
-from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
+from lora_files.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
 
 DECAY, START_STEP = 0.2, 1  # with warmup: step 1 copies, then min(0.2, 2/11) = 0.18, then 0.2, 0.2
 PROBE_STEP = 3  # a consumer swaps the EMA in at this step, and saves checkpoints as IdentityValidation does

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.checkpoint_export import main as export_main
 from callbacks.lora_export import LoraExport
 from lightning_modules.lora_diffusion import LoRADiffusion
-from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME
-from lightning_modules.tiny_sd import save_tiny_sd
+from lora_files.lora_formats import DIFFUSERS_WEIGHT_NAME
+from stable_diffusion.tiny_sd import save_tiny_sd
 from train import main as train_main
 
 CAPTIONS = ["a photo of sks person, smiling", "sks person, outdoors"]

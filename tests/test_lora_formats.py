@@ -21,10 +21,10 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors import safe_open
 
-from lightning_modules import lora_formats as formats
-from lightning_modules.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
-from lightning_modules.lora_model_card import DEFAULT_DIFFUSERS_FILE, write_model_card
-from lightning_modules.tiny_sd import save_tiny_sd
+from lora_files import lora_formats as formats
+from lora_files.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
+from lora_files.lora_model_card import DEFAULT_DIFFUSERS_FILE, write_model_card
+from stable_diffusion.tiny_sd import save_tiny_sd
 
 CAPTIONS = ["a photo of sks person, smiling", "sks person, outdoors", "close-up of sks person, smiling"]
 METRICS = {"val/loss": 0.1234, "val/face_similarity": 0.5678}

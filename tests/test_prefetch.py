@@ -11,8 +11,8 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 
 import train
-from lightning_modules import hub_access, model_prefetch
-from lightning_modules.tiny_sd import save_tiny_clip
+from stable_diffusion import hub_access, model_prefetch
+from stable_diffusion.tiny_sd import save_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789" * 4

@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 from public_faces import lfw_faces
 from skimage import data
 
-from lightning_modules.tiny_sd import save_tiny_clip
 from likeness_command import cli
+from stable_diffusion.tiny_sd import save_tiny_clip
 from train import main as train_main
 
 PROMPTS = [  # short: the tiny CLIP reads 32 characters

@@ -1,6 +1,6 @@
 """The ``README.md`` model card written beside an exported LoRA: base model, settings, metrics and how to load it.
 
-Kept apart from :mod:`lightning_modules.lora_formats` (the weight files) so that either can change alone;
+Kept apart from :mod:`lora_files.lora_formats` (the weight files) so that either can change alone;
 ``lora_formats`` re-exports :func:`write_model_card` for older imports.
 """
 

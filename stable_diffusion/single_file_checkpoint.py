@@ -2,7 +2,7 @@
 
 The file is read without executing code, refused unless it is a full SD1.x model, and converted with diffusers'
 single-file converters against diffusers configs: a local ``config`` folder, or the bundled SD1.5 configs with
-SD1.5's tokenizer from the Hub cache. :func:`lightning_modules.base_model.load_base_model` calls it for files.
+SD1.5's tokenizer from the Hub cache. :func:`stable_diffusion.base_model.load_base_model` calls it for files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffusers.loaders.single_file_utils import (
 from huggingface_hub import snapshot_download
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lightning_modules.base_model import (
+from stable_diffusion.base_model import (
     CHECKPOINT_SUFFIXES,
     SD15_HUB_ID,
     BaseModel,
@@ -32,7 +32,7 @@ from lightning_modules.base_model import (
     checked_tokenizer,
     read_model_index,
 )
-from lightning_modules.hub_access import HubAccessError, hub_local_only
+from stable_diffusion.hub_access import HubAccessError, hub_local_only
 
 # SD1.5's diffusers configs (no weights) for single-file checkpoints loaded without a `config` folder.
 SD15_CONFIG_DIR = Path(__file__).parent / "model_configs" / "sd15"

@@ -10,8 +10,8 @@ the CLIP text encoder has no ``text_model`` level, so naive kohya keys come out 
   rank and alpha.
 * ``<name>.safetensors`` — kohya ``lora_unet_*`` / ``lora_te_text_model_*`` keys with a real ``.alpha``
   per module and kohya's ``ss_*`` header, for A1111, Forge and ComfyUI (written by
-  :mod:`lightning_modules.kohya_lora`).
-* ``README.md`` — a model card (see :func:`lightning_modules.lora_model_card.write_model_card`).
+  :mod:`lora_files.kohya_lora`).
+* ``README.md`` — a model card (see :func:`lora_files.lora_model_card.write_model_card`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 from lightning_modules.finite import check_finite
-from lightning_modules.kohya_lora import save_kohya_lora
-from lightning_modules.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
-from lightning_modules.lora_model_card import write_model_card
+from lora_files.kohya_lora import save_kohya_lora
+from lora_files.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
+from lora_files.lora_model_card import write_model_card
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME",

@@ -3,7 +3,7 @@
 ``load_base_model`` returns the five parts training needs (tokenizer, text encoder, VAE, UNet, DDPM noise
 schedule) plus the model's own sampler config for inference. The product trains SD1.x only: SD2, SDXL,
 inpainting and other families are refused with a message saying so, before any weights are read. Single
-checkpoint files are loaded by :mod:`lightning_modules.single_file_checkpoint`.
+checkpoint files are loaded by :mod:`stable_diffusion.single_file_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lightning_modules.hub_access import HubAccessError, hub_local_only, not_cached_message
+from stable_diffusion.hub_access import HubAccessError, hub_local_only, not_cached_message
 
 SETTING = "model.pretrained_model_name_or_path"
 
@@ -118,7 +118,7 @@ def load_base_model(
         if revision is not None or variant is not None:
             raise BaseModelError(f"{name}: `revision`/`variant` apply to Hub ids and folders, not single files.")
         # Imported here, not at the top: single_file_checkpoint imports this module (BaseModel, errors, checks).
-        from lightning_modules.single_file_checkpoint import load_single_file
+        from stable_diffusion.single_file_checkpoint import load_single_file
 
         return load_single_file(path, config, torch_dtype)
     if config is not None:

@@ -5,7 +5,7 @@ architecture family as SD1.5 — CLIP text encoder and BPE tokenizer, KL VAE, co
 scheduler — only a few hundred kB big, save it with ``save_pretrained`` and load it back through the
 production ``from_pretrained`` path. Usage::
 
-    python -m lightning_modules.tiny_sd .cache/demo/tiny-sd --clip .cache/demo/tiny-clip
+    python -m stable_diffusion.tiny_sd .cache/demo/tiny-sd --clip .cache/demo/tiny-clip
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 
-from lightning_modules.base_model import SD15_HUB_ID, load_base_model
-from lightning_modules.hub_access import hub_local_only
+from stable_diffusion.base_model import SD15_HUB_ID, load_base_model
+from stable_diffusion.hub_access import hub_local_only
 
 
 @dataclass

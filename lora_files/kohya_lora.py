@@ -1,7 +1,7 @@
 """Write a trained LoRA as the kohya-format file that A1111/Forge and ComfyUI load (``<name>.safetensors``).
 
 Keys are kohya's ``lora_unet_*`` / ``lora_te_text_model_*`` with a real ``.alpha`` per module, and the header is
-kohya sd-scripts' ``ss_*`` (plus ``modelspec.*``). :func:`lightning_modules.lora_formats.export_lora` writes this
+kohya sd-scripts' ``ss_*`` (plus ``modelspec.*``). :func:`lora_files.lora_formats.export_lora` writes this
 file beside the diffusers one.
 
 Known limit of diffusers 0.42 (not of the files): its kohya loader guesses the text-encoder key style from
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lightning_modules.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
+from lora_files.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
 
 __all__ = ["kohya_metadata", "kohya_state_dict", "save_kohya_lora"]
 

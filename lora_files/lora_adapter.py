@@ -1,7 +1,7 @@
 """The peft LoRA adapter on a model as the export formats read it: whether it is there, its tensors, CLIP paths.
 
-Shared by the diffusers file (:mod:`lightning_modules.lora_formats`) and the kohya file
-(:mod:`lightning_modules.kohya_lora`), so that each format depends on this module and not on the other.
+Shared by the diffusers file (:mod:`lora_files.lora_formats`) and the kohya file
+(:mod:`lora_files.kohya_lora`), so that each format depends on this module and not on the other.
 """
 
 from __future__ import annotations
