@@ -73,7 +73,8 @@ def use_compile_cache(folder: str | os.PathLike | None = None) -> None:
 # Graphs that the compiled transformer blocks need, all sharing one code object: parameters keep static shapes, so
 # each channel width (SD1.5: 320, 640, 1280) is its own graph, once with gradient (training) and once without
 # (generation), plus the first block's input that needs no gradient, plus the 1x1 latents of small images, whose
-# strides differ. Training and validating SD1.5 at 64 px took 9 graphs (counted on the CPU), the tiny demo model 8.
+# strides differ. SD1.5 at 64 px took 14 graphs (counted on the CPU: training batches of 2 and 1 with a text-encoder
+# LoRA, then generation), the tiny demo model 8.
 # Past dynamo's default limit of 8 per code object the rest would run uncompiled, with one warning among many.
 BLOCK_RECOMPILE_LIMIT = 32
 

@@ -34,7 +34,7 @@ def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp
 
     monkeypatch.setattr(torch, "compile", counted_compile)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    # The tiny UNet needs 8 graphs here, exactly torch's default limit, where SD1.5 needs 9 (mixed_precision.py):
+    # The tiny UNet needs 8 graphs here, exactly torch's default limit, where SD1.5 needs 14 (mixed_precision.py):
     # a limit of 4 stands for a default too low, which compiling must raise. A silent fallback to eager fails.
     # (config.patch puts torch's settings back afterwards.)
     with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
