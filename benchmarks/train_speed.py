@@ -217,6 +217,8 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
 
 
 def free_memory() -> None:
+    # Each run compiles its own model: graphs of the last one would only count against dynamo's recompile limit.
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -289,43 +291,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_float32_matmul_precision("high")  # as train.py does; it applies to both paths
-    max_steps = args.warmup + args.steps
-    with tempfile.TemporaryDirectory(prefix="likeness-speed-") as tmp:
-        work = Path(tmp)
-        model_dir = build_model_dir((args.model_dir or work / "sd15-random").resolve(), args.seed)
-        photos = write_photos(work / "photos", args.num_photos, args.photo_size, args.seed)
-        results: list[dict[str, Any]] = []
-        for name in args.settings:
-            for path in ("likeness", "plain"):
-                print(f"--- {name} / {path}", flush=True)
-                free_memory()
-                if path == "likeness":
-                    results.append(run_likeness(args, name, model_dir, photos, work / f"run-{name}", max_steps))
-                else:
-                    results.append(run_plain(args, name, model_dir, photos, max_steps))
-                free_memory()
-        e2e = None
-        if args.end_to_end:
-            print(f"--- end-to-end: hw, {args.e2e_steps} steps, 3 prompts every {args.e2e_val_every} steps", flush=True)
-            validation = PromptValidation(args.e2e_val_every, PROMPTS[:3])
-            extra = {"image_size": args.resolution}
-            e2e = run_likeness(args, "hw", model_dir, photos, work / "run-e2e", args.e2e_steps, [validation], extra)
-            e2e.update(validation_runs=validation.runs, validation_s=validation.seconds)
-            free_memory()
-        generation = None
-        if args.generation:
-            print(f"--- generation: {len(PROMPTS)} prompts x {args.generation_steps} steps", flush=True)
-            generation = time_generation(args, model_dir)
-            free_memory()
+def build_report(args: argparse.Namespace, results: list[dict[str, Any]], **parts: Any) -> dict[str, Any]:
     by_key = {(r["setting"], r["path"]): r["img_per_s"] for r in results}
     ratios: dict[str, float | None] = {}
     for name in args.settings:
         a, b = by_key.get((name, "likeness")), by_key.get((name, "plain"))
         ratios[name] = a / b if a and b else None
-    report = {
+    return {
         "device": device_name(args.device),
         "torch": torch.__version__,
         "precision": args.precision,
@@ -336,25 +308,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "likeness_options": dict(args.likeness_option),
         "results": results,
         "ratio_likeness_over_plain": ratios,
-        "end_to_end": e2e,
-        "generation": generation,
+        "end_to_end": parts.get("end_to_end"),
+        "generation": parts.get("generation"),
     }
+
+
+def save_report(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """The report as JSON, written to ``--json`` atomically: after every run, so a run cut short keeps the others."""
+    text = json.dumps(report, default=str)
+    if args.json:
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(args.json)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision("high")  # as train.py does; it applies to both paths
+    max_steps = args.warmup + args.steps
+    results: list[dict[str, Any]] = []
+    parts: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="likeness-speed-") as tmp:
+        work = Path(tmp)
+        model_dir = build_model_dir((args.model_dir or work / "sd15-random").resolve(), args.seed)
+        photos = write_photos(work / "photos", args.num_photos, args.photo_size, args.seed)
+        for name in args.settings:
+            for path in ("likeness", "plain"):
+                print(f"--- {name} / {path}", flush=True)
+                free_memory()
+                if path == "likeness":
+                    results.append(run_likeness(args, name, model_dir, photos, work / f"run-{name}", max_steps))
+                else:
+                    results.append(run_plain(args, name, model_dir, photos, max_steps))
+                free_memory()
+                save_report(args, build_report(args, results))
+        if args.end_to_end:
+            print(f"--- end-to-end: hw, {args.e2e_steps} steps, 3 prompts every {args.e2e_val_every} steps", flush=True)
+            validation = PromptValidation(args.e2e_val_every, PROMPTS[:3])
+            extra = {"image_size": args.resolution}
+            e2e = run_likeness(args, "hw", model_dir, photos, work / "run-e2e", args.e2e_steps, [validation], extra)
+            parts["end_to_end"] = e2e | {"validation_runs": validation.runs, "validation_s": validation.seconds}
+            free_memory()
+            save_report(args, build_report(args, results, **parts))
+        if args.generation:
+            print(f"--- generation: {len(PROMPTS)} prompts x {args.generation_steps} steps", flush=True)
+            parts["generation"] = time_generation(args, model_dir)
+            free_memory()
+    report = build_report(args, results, **parts)
     print(f"\ndevice: {report['device']}  torch {report['torch']}  precision {args.precision}  ", end="")
     print(f"resolution {args.resolution}  warm-up {args.warmup} + timed {args.steps} steps")
-    print_table(results, ratios)
-    if e2e is not None:
+    print_table(results, report["ratio_likeness_over_plain"])
+    if (e2e := report["end_to_end"]) is not None:
         print(f"end-to-end (likeness hw, {args.e2e_steps} steps): total {e2e['total_s']:.1f} s, ", end="")
         print(f"{e2e['validation_runs']} validations took {e2e['validation_s']:.1f} s")
-    if generation is not None:
-        print(
-            f"generation ({generation['prompts']} prompts x {generation['steps']} steps, {args.resolution} px, ", end=""
-        )
-        print(f"{generation['images_per_call']} per call): {generation['seconds']:.1f} s ", end="")
-        print(f"(first call {generation['first_call_s']:.1f} s), peak {fmt(generation['peak_gpu_gib'], '.2f')} GiB")
-    text = json.dumps(report, default=str)
-    print(f"JSON: {text}")
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    if (gen := report["generation"]) is not None:
+        print(f"generation ({gen['prompts']} prompts x {gen['steps']} steps, {args.resolution} px, ", end="")
+        print(f"{gen['images_per_call']} per call): {gen['seconds']:.1f} s ", end="")
+        print(f"(first call {gen['first_call_s']:.1f} s), peak {fmt(gen['peak_gpu_gib'], '.2f')} GiB")
+    print(f"JSON: {save_report(args, report)}")
     return report
 
 

@@ -25,11 +25,17 @@ class ImageWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self._folder: Path | None = None
 
     def folder(self, trainer: L.Trainer) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
         return log_dir(trainer) / "predict" / step_folder(trainer.lightning_module.loaded_step)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Once, on every rank: trainer.log_dir is a broadcast, so asking it per image would pair up only while
+        # every rank writes as many images as the others.
+        self._folder = self.folder(trainer)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0
@@ -52,7 +58,7 @@ class ImageWriter(BasePredictionWriter):
                 "base_model": hp.pretrained_model_name_or_path,
                 "global_step": pl_module.loaded_step,
             }
-            save_png(self.folder(trainer) / f"{int(index):03d}_{int(repeat):02d}.png", image, metadata)
+            save_png(self._folder / f"{int(index):03d}_{int(repeat):02d}.png", image, metadata)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        rank_zero_info(f"Predicted images written to {self.folder(trainer)}")
+        rank_zero_info(f"Predicted images written to {self._folder}")

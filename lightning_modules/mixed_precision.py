@@ -84,5 +84,6 @@ def compile_repeated_blocks(unet: torch.nn.Module, mode: str | None = None, cach
     ``cache_dir`` (:func:`use_compile_cache`), and enough graphs allowed for training and generation alike."""
     use_compile_cache(cache_dir)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
     unet.compile_repeated_blocks(mode=mode)

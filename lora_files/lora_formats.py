@@ -36,7 +36,6 @@ __all__ = [
     "adapter_metadata",
     "export_lora",
     "save_diffusers_lora",
-    "write_model_card",
 ]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -1,7 +1,7 @@
 """The ``README.md`` model card written beside an exported LoRA: base model, settings, metrics and how to load it.
 
-Kept apart from :mod:`lora_files.lora_formats` (the weight files) so that either can change alone;
-``lora_formats`` re-exports :func:`write_model_card` for older imports.
+Kept apart from :mod:`lora_files.lora_formats` (the weight files, whose ``export_lora`` writes the card) so that
+either can change alone.
 """
 
 from __future__ import annotations

@@ -22,8 +22,20 @@ class Losses(L.Callback):
 
     def __init__(self, generate_at: tuple[int, ...] = ()) -> None:
         self.losses: list[float] = []
-        self.graphs: list[int] = []  # graphs dynamo compiled so far, after each step (and its generation)
+        self.graphs: list[int] = []  # graphs dynamo compiled in this fit, after each step (and its generation)
         self.generate_at, self.images = generate_at, []
+        self.devices: set[str] = set()
+
+    @staticmethod
+    def _compiled() -> int:
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]  # for the whole process, never reset
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = self._compiled()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Where the weights trained: after fit, Lightning's teardown moves the module back to the CPU.
+        self.devices = {tensor.device.type for tensor in pl_module.state_dict().values()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
@@ -31,7 +43,7 @@ class Losses(L.Callback):
             pl_module.eval()
             self.images.append(pl_module.generate(["a photo of sks person", "a red car"], [0, 1]))
             pl_module.train()
-        self.graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        self.graphs.append(self._compiled() - self.before)
 
 
 def fit(
@@ -65,8 +77,8 @@ def test_bf16_training_changes_only_the_float32_lora(tiny_sd, demo_photos, tmp_p
     model = fit(tiny_sd, demo_photos, tmp_path, device, 4, losses, train_text_encoder=True)
     trainable = model.trainable_names()
     assert trainable and all(np.isfinite(losses.losses)) and len(losses.losses) == 4
+    assert losses.devices == {device}
     for name, tensor in model.state_dict().items():
-        assert tensor.device.type == device, name
         if name in trainable:  # float32 master weights that trained (lora_B starts at zero)
             assert tensor.dtype == torch.float32, name
         else:  # the frozen base model: bfloat16 and bit for bit what was loaded
@@ -93,6 +105,7 @@ def test_cached_latents_train_like_live_encoding_in_bf16(tiny_sd, demo_photos, t
 @pytest.mark.parametrize("device", [CUDA])
 def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_path, device, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     runs = {}
     for mode in ("eager", "reduce-overhead"):
         torch._dynamo.reset()
@@ -111,6 +124,8 @@ def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_pat
             assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() < 3
     other_seed = np.abs(np.asarray(eager.images[0][0], np.int16) - np.asarray(eager.images[0][1], np.int16)).mean()
     assert other_seed > 10
+    # Inductor skips CUDA graphs where it cannot use them, silently: here it must have used them everywhere.
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips
     # Steps 1-4 met every shape (batches of 2 and 1, with and without gradient); from then on, the third
     # validation included, nothing new was compiled.
     assert graphed.graphs[3] > 0 and graphed.graphs[-1] == graphed.graphs[3]

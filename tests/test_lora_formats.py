@@ -21,7 +21,6 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from safetensors import safe_open
 
-from lora_files import lora_formats as formats
 from lora_files.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora
 from lora_files.lora_model_card import DEFAULT_DIFFUSERS_FILE, write_model_card
 from stable_diffusion.tiny_sd import save_tiny_sd
@@ -285,8 +284,7 @@ def test_model_card(exported, base):
 
 
 def test_model_card_module_matches_formats(tmp_path):
-    # The card moved to its own module; the old import still works and names the same file by default.
-    assert formats.write_model_card is write_model_card
+    # The card lives in its own module and names the diffusers file that lora_formats writes.
     assert DEFAULT_DIFFUSERS_FILE == DIFFUSERS_WEIGHT_NAME
     card = write_model_card(tmp_path, base_model="some/base", captions=CAPTIONS).read_text()
     assert f"`{DIFFUSERS_WEIGHT_NAME}`" in card and "No validation metrics were recorded." in card
