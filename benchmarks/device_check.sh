@@ -28,23 +28,24 @@ model=/tmp/sd15-random  # written by the first benchmark phase, reused by the la
 read -ra extra <<<"${DEVICE_CHECK_ARGS:-}"
 speed=(python3 benchmarks/train_speed.py --model-dir "$model" --settings hw,unet-r4-b2,unet-r4-b8 "${extra[@]}")
 compiled=(--likeness-option model.compile=true --likeness-option model.compile_mode=reduce-overhead)
-for phase in "${@:-tests compiled}"; do
-  for p in $phase; do
-    echo "=== $p $(date +%T)"
-    [[ $p =~ ^(tests|compiled|speed|e2e)$ ]] || { echo "unknown phase $p: tests, compiled, speed or e2e"; exit 2; }
-    if [[ $p != tests && ! -f $model/model_index.json ]]; then
-      timeout 110 python3 benchmarks/train_speed.py --model-dir "$model" --settings none "${extra[@]}" 2>&1 | tail -3
-    fi
-    case $p in
-      # Only the files holding gpu tests: the others import what the machine lacks (jsonargparse, deepface).
-      tests) timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -lE "from devices import|mark\.gpu" tests/test_*.py) \
-        2>&1 | tee "$OUT/tests.log" ;;
-      speed) timeout 200 "${speed[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" ;;
-      compiled) timeout 290 "${speed[@]}" "${compiled[@]}" --generation --json "$OUT/compiled.json" 2>&1 \
-        | tee "$OUT/compiled.log" ;;
-      e2e) timeout 420 python3 benchmarks/train_speed.py --model-dir "$model" --settings none --end-to-end \
-        "${compiled[@]}" "${extra[@]}" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
-    esac
-  done
+read -ra phases <<<"${*:-tests compiled}"
+for p in "${phases[@]}"; do
+  [[ $p =~ ^(tests|compiled|speed|e2e)$ ]] || { echo "unknown phase $p: tests, compiled, speed or e2e"; exit 2; }
+done
+for p in "${phases[@]}"; do
+  echo "=== $p $(date +%T)"
+  if [[ $p != tests && ! -f $model/model_index.json ]]; then
+    timeout 110 python3 benchmarks/train_speed.py --model-dir "$model" --settings none "${extra[@]}" 2>&1 | tail -3
+  fi
+  case $p in
+    # Only the files holding gpu tests: the others import what the machine lacks (jsonargparse, deepface).
+    tests) timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -lE "from devices import|mark\.gpu" tests/test_*.py) \
+      2>&1 | tee "$OUT/tests.log" ;;
+    speed) timeout 200 "${speed[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" ;;
+    compiled) timeout 290 "${speed[@]}" "${compiled[@]}" --generation --json "$OUT/compiled.json" 2>&1 \
+      | tee "$OUT/compiled.log" ;;
+    e2e) timeout 420 python3 benchmarks/train_speed.py --model-dir "$model" --settings none --end-to-end \
+      "${compiled[@]}" "${extra[@]}" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+  esac
 done
 echo "=== done $(date +%T)"
