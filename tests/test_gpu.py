@@ -117,8 +117,9 @@ def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_pat
         runs[mode] = callback
     torch._dynamo.reset()
     eager, graphed = runs["eager"], runs["reduce-overhead"]
-    # CUDA graphs replay into fixed buffers: a stale or overwritten output would change the losses far more.
-    assert graphed.losses == pytest.approx(eager.losses, rel=5e-2)
+    # CUDA graphs replay into fixed buffers: a stale or overwritten output would change the losses far more than
+    # kernel rounding (3e-4 apart with inductor on the CPU), and by more than the 7-12 % they vary between steps.
+    assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)
     for step_images, eager_images in zip(graphed.images, eager.images, strict=True):
         for a, b in zip(step_images, eager_images, strict=True):
             assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean() < 3
