@@ -96,8 +96,9 @@ def test_cached_latents_train_like_live_encoding_in_bf16(tiny_sd, demo_photos, t
         fit(tiny_sd, demo_photos, tmp_path / str(cached), device, 4, callback, cache_latents=cached)
         losses[cached] = callback.losses
     # Same draws: the cache holds what the VAE gives under the same autocast, up to batch-shape rounding in bf16
-    # (measured on the CPU: equal for 3 steps, 2e-4 apart at the 4th). Steps differ from each other far more.
-    tolerance = 3e-3
+    # (AMD CPU: equal for 3 steps, 2e-4 apart at the 4th; other CPUs may pick other bf16 kernels per batch shape).
+    # Steps differ from each other far more (7 %).
+    tolerance = 5e-3
     assert losses[True] == pytest.approx(losses[False], rel=tolerance)
     assert max(losses[True]) / min(losses[True]) > 1 + 10 * tolerance
 
