@@ -235,7 +235,9 @@ class LikenessCLI(LightningCLI):
         trainer.callbacks.append(DropEmptyRun(Path(logger_dir) if logger_dir else None))
         default_bar = trainer.progress_bar_callback
         if type(default_bar) in (RichProgressBar, TQDMProgressBar):  # Lightning's own (a user's bar stays)
-            trainer.callbacks[trainer.callbacks.index(default_bar)] = StepProgressBar()
+            # First, so that its step clock stops before validation and checkpoints run in the same hook.
+            trainer.callbacks.remove(default_bar)
+            trainer.callbacks.insert(0, StepProgressBar())
         return trainer
 
 

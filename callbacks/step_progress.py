@@ -1,4 +1,5 @@
-"""A training bar that counts optimizer steps to ``max_steps``, with img/s and ETA (issue #10)."""
+"""A training bar that counts optimizer steps to ``max_steps``, with img/s and ETA (issue #10), and does not make the
+GPU wait every step (issue #9)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,31 @@ class StepProgressBar(TQDMProgressBar):
 
     Lightning's default bar counts the batches of each epoch (``Epoch 14/-2 4/4``), meaningless for a run planned
     in steps over a small photo folder. This one counts optimizer steps; a resumed run starts at its step and its
-    ETA comes from the steps trained since. img/s is measured over the last steps' training alone (validation
-    pauses are not in it); the ETA includes them, as the run will.
+    ETA comes from the steps trained since.
+
+    Reading the loss for the bar copies it from the GPU, which waits for the step to finish: drawn every step, the
+    CPU could never queue the next step while the GPU works on this one (issue #9). So the bar redraws at most every
+    ``refresh_seconds``, and the steps in between run without a wait.
+
+    img/s counts training alone: each step is timed from its batch start to this bar's ``on_train_batch_end``,
+    which ``train.py`` puts before the other callbacks' (validation, checkpoints), so their pauses are not in it.
+    Between redraws those times are the CPU's (the GPU may still be behind); each redraw waits for the GPU before
+    its step's time is taken, so a window of whole redraw intervals measures what the GPU did.
 
     Args:
-        refresh_rate: redraw every N steps.
-        window: steps the img/s average runs over.
+        refresh_rate: redraw only on steps that are a multiple of this.
+        refresh_seconds: and at most once per this many seconds (the first and the last step always draw).
+        window: redraw intervals the img/s average runs over.
     """
 
-    def __init__(self, refresh_rate: int = 1, window: int = 20) -> None:
+    def __init__(self, refresh_rate: int = 1, refresh_seconds: float = 0.5, window: int = 4) -> None:
         super().__init__(refresh_rate=refresh_rate)
-        self._durations: deque[float] = deque(maxlen=window)
+        self.refresh_seconds = refresh_seconds
+        self._intervals: deque[tuple[int, float]] = deque(maxlen=max(1, window))  # (steps, training seconds)
+        self._steps = 0  # since the last redraw
+        self._seconds = 0.0
         self._batch_started = 0.0
+        self._last_drawn: float | None = None
         self._images_per_step = 1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,20 +59,40 @@ class StepProgressBar(TQDMProgressBar):
         self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, idx) -> None:
-        self._durations.append(time.perf_counter() - self._batch_started)
         bar = self.train_progress_bar
-        if bar is None or bar.disable or not self._should_update(trainer.global_step, bar.total):
+        draw = bar is not None and not bar.disable and self._due(trainer, time.perf_counter())
+        metrics = super().get_metrics(trainer, pl_module) if draw else {}  # waits for the GPU: after it, the time
+        now = time.perf_counter()
+        self._steps += 1
+        self._seconds += now - self._batch_started
+        if not draw:
             return
+        self._intervals.append((self._steps, self._seconds))
+        self._steps, self._seconds, self._last_drawn = 0, 0.0, now
         bar.n = trainer.global_step
-        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+        bar.set_postfix(self._with_speed(metrics), refresh=True)
+
+    def _due(self, trainer: L.Trainer, now: float) -> bool:
+        step, total = trainer.global_step, self.train_progress_bar.total
+        if not self._should_update(step, total):
+            return False
+        first, last = self._last_drawn is None, total is not None and step >= total
+        return first or last or now - self._last_drawn >= self.refresh_seconds
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
 
+    def images_per_second(self) -> float | None:
+        """Training images per second over the last ``window`` redraw intervals; ``None`` before the first."""
+        steps = sum(n for n, _ in self._intervals)
+        seconds = sum(s for _, s in self._intervals)
+        return self._images_per_step * steps / seconds if steps and seconds > 0 else None
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
+        return self._with_speed(super().get_metrics(trainer, pl_module))
+
+    def _with_speed(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics.pop("v_num", None)  # the run folder's number, not a measurement
-        if self._durations:
-            per_step = sum(self._durations) / len(self._durations)
-            metrics["img/s"] = f"{self._images_per_step / per_step:.3g}"
+        if (speed := self.images_per_second()) is not None:
+            metrics["img/s"] = f"{speed:.3g}"
         return metrics

@@ -1,0 +1,115 @@
+"""The training bar: redraws (which wait for the GPU) at most every refresh_seconds, img/s of training alone."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch.utils.data import DataLoader, Dataset
+
+import callbacks.step_progress as step_progress
+from callbacks.identity_validation import IdentityValidation
+from callbacks.step_progress import StepProgressBar
+from train import main
+
+STEP_SECONDS, LOAD_SECONDS, PAUSE_SECONDS = 0.1, 0.05, 30.0
+
+
+class FakeClock:
+    """``time.perf_counter`` for the bar: it moves only when the test says work happened."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Loading(Dataset):
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.clock.now += LOAD_SECONDS  # between batches: not training time
+        return torch.ones(2)
+
+
+class Linear(L.LightningModule):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.layer, self.clock = torch.nn.Linear(2, 1), clock
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.layer(batch).square().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.clock.now += STEP_SECONDS  # the step's own work
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Loading(self.clock), batch_size=None)  # one sample a step: one image a step
+
+
+class Validation(L.Callback):
+    """Stands in for IdentityValidation: a long pause in on_train_batch_end, after the bar's."""
+
+    def __init__(self, clock: FakeClock, every: int) -> None:
+        self.clock, self.every = clock, every
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_) -> None:
+        if trainer.global_step % self.every == 0:
+            self.clock.now += PAUSE_SECONDS
+
+
+def fit(tmp_path, monkeypatch, bar: StepProgressBar, steps: int) -> tuple[StepProgressBar, list[int]]:
+    clock = FakeClock()
+    monkeypatch.setattr(step_progress.time, "perf_counter", clock)
+    drawn: list[int] = []  # the steps at which the bar read the metrics (a wait for the GPU each)
+    read = TQDMProgressBar.get_metrics
+
+    def counted(self, trainer, pl_module):
+        drawn.append(trainer.global_step)
+        return read(self, trainer, pl_module)
+
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", counted)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[bar, Validation(clock, every=5)], default_root_dir=tmp_path, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(Linear(clock))
+    return bar, drawn
+
+
+def test_bar_reads_the_loss_at_most_every_refresh_seconds_and_counts_training_time_only(tmp_path, monkeypatch):
+    bar, drawn = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0.5), steps=20)
+    # A step and its loading take 0.15 s: after the first step, a redraw every 4th step (0.6 s >= 0.5 s), and
+    # at once after a validation pause; the last step always draws.
+    assert drawn[0] == 1 and drawn[-1] == 20
+    assert len(drawn) < 20 / 2
+    assert all(b > a for a, b in zip(drawn, drawn[1:], strict=False))
+    # img/s: one image per 0.1 s of training; neither the loading (0.05 s a step) nor the 30 s validations count.
+    assert bar.images_per_second() == pytest.approx(1 / STEP_SECONDS)
+    postfix = bar.train_progress_bar.postfix
+    assert "img/s=10" in postfix and "train/loss=" in postfix and "v_num" not in postfix
+
+
+def test_refresh_seconds_zero_draws_every_step(tmp_path, monkeypatch):
+    bar, drawn = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=6)
+    assert drawn == [1, 2, 3, 4, 5, 6]
+    assert bar.images_per_second() == pytest.approx(1 / STEP_SECONDS)
+
+
+def test_cli_puts_the_bar_before_validation_and_checkpoints(demo_cli, tmp_path):
+    cli = main(demo_cli("fit", tmp_path, "--trainer.max_steps=1", "--trainer.enable_progress_bar=true"))
+    names = [type(callback).__name__ for callback in cli.trainer.callbacks]
+    assert isinstance(cli.trainer.callbacks[0], StepProgressBar), names
+    assert names.count("StepProgressBar") == 1 and "TQDMProgressBar" not in names
+    assert any(isinstance(callback, IdentityValidation) for callback in cli.trainer.callbacks)
