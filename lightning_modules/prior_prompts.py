@@ -59,7 +59,12 @@ class PriorPrompts:
     ) -> PriorPreservation:
         """One regularisation prompt per sample, drawn from the global RNG (the step's seed: a resume draws the
         same), with the prior loss ``weight``; ``trained_text_encoder`` as in :meth:`encode`."""
-        drawn = torch.randint(len(self.prompts), (batch_size,)).to(self.input_ids.device)
+        drawn = torch.randint(len(self.prompts), (batch_size,))  # the CPU RNG: the same draw on any device
+        if self.input_ids.device.type == "cuda":
+            # From pinned memory without blocking: a plain copy from the CPU waits for the GPU every step (issue #9).
+            drawn = drawn.pin_memory().to(self.input_ids.device, non_blocking=True)
+        else:
+            drawn = drawn.to(self.input_ids.device)
         input_ids = self.input_ids[drawn].to(device)
         base = self.base_encoder_hidden_states[drawn].to(device)
         # A frozen text encoder is the base one; a trained one's LoRA view is computed now, with gradient.
