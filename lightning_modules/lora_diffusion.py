@@ -318,9 +318,12 @@ class LoRADiffusion(L.LightningModule):
         # A bar over the denoising steps where the run shows progress (the CLI, not the tests).
         trainer = self._trainer
         bar = trainer is not None and trainer.progress_bar_callback is not None and not trainer.sanity_checking
-        return generate_images(
-            self.base, self.unet, self.text_encoder, self.batched_generation, self.hparams, prompts, seeds, bar
-        )
+        # Lightning enters the precision context only around *_step; validation during fit calls this from a
+        # callback, which would generate in float32 (twice as slow on a GPU, other pixels than `likeness test`).
+        with self._forward_context(), self._lora_inputs_under_autocast():
+            return generate_images(
+                self.base, self.unet, self.text_encoder, self.batched_generation, self.hparams, prompts, seeds, bar
+            )
 
     def generate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         seeds = self.seeds_for(batch)

@@ -352,3 +352,32 @@ def test_reference_scores_see_photos_as_training_does(demo_photos, tmp_path, mon
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(load_rgb(pair.image)))
     assert seen[0].size == (40, 80)  # upright
     assert len(np.unique(np.asarray(seen[1]))) > 100  # 16-bit greys scaled, not clipped to black and white
+
+
+def test_fit_time_validation_runs_in_the_trainers_precision(args, tmp_path, monkeypatch):
+    """Validation inside fit generates as `test` does: under the trainer's bf16 autocast, not in float32 (twice as
+    slow on a GPU, and other pixels than `likeness test` of the same checkpoint gives).
+
+    Lightning wraps only the *_step hooks in the precision context; the callback generates outside them.
+    """
+    import lightning_modules.lora_diffusion as lora_diffusion
+
+    seen = []
+    original = lora_diffusion.generate_images
+
+    def recording(base, unet, *rest):
+        lora = next(m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), lora.cast_input_dtype_enabled))
+        return original(base, unet, *rest)
+
+    monkeypatch.setattr(lora_diffusion, "generate_images", recording)
+    bf16 = "--trainer.precision=bf16-mixed"
+    fit = main(args("fit", tmp_path, bf16, "--trainer.max_steps=1", "--validation.baseline=false"))
+    assert len(seen) >= 1 and all(s == (True, torch.bfloat16, False) for s in seen), seen
+    # Lightning's own path (test_step inside its precision context) generates the same way: the reference.
+    seen.clear()
+    main(args("test", tmp_path, bf16, f"--ckpt_path={Path(fit.trainer.log_dir) / 'checkpoints' / 'last.ckpt'}"))
+    assert len(seen) >= 1 and all(s == (True, torch.bfloat16, False) for s in seen), seen
+    # Outside generation peft's input casts are back on (needed without autocast).
+    lora = next(m for m in fit.model.unet.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    assert lora.cast_input_dtype_enabled
