@@ -138,7 +138,7 @@ class LoRADiffusion(L.LightningModule):
         add_lora_adapters(self.vae, self.text_encoder, self.unet, self.hparams)
         self._lora_layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
         self.batched_generation = BatchedGeneration()
-        apply_speed_options(self.text_encoder, self.unet, self.hparams)
+        apply_speed_options(self.text_encoder, self.unet, self.hparams, self._lora_inputs_under_autocast)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

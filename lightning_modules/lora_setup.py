@@ -5,7 +5,8 @@ options (gradient checkpointing, regional compilation)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel
 
-from lightning_modules.mixed_precision import compile_repeated_blocks
+from lightning_modules.mixed_precision import checkpoint_function, compile_repeated_blocks
 from stable_diffusion.base_model import BaseModel, load_base_model
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -95,13 +96,24 @@ def add_lora_adapters(
                 param.data = param.data.float()
 
 
-def apply_speed_options(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, hp: Mapping[str, Any]) -> None:
-    """``model.gradient_checkpointing`` and ``model.compile`` (with ``compile_mode``, ``compile_cache_dir``)."""
+def apply_speed_options(
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    hp: Mapping[str, Any],
+    recompute_context: Callable[[], AbstractContextManager] = nullcontext,
+) -> None:
+    """``model.gradient_checkpointing`` (recomputing in ``recompute_context``, see
+    :func:`~lightning_modules.mixed_precision.checkpoint_function`) and ``model.compile`` (with ``compile_mode``,
+    ``compile_cache_dir``)."""
     if hp["gradient_checkpointing"]:
-        unet.enable_gradient_checkpointing()
+        checkpoint = checkpoint_function(recompute_context)
+        unet.enable_gradient_checkpointing(checkpoint)
         if hp["train_text_encoder"]:
             # transformers checkpoints only in train mode; CLIP has no dropout, so nothing else changes.
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5.23 renamed it (the old name warns); 4.x knows only the old one.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            enable = enable or text_encoder.gradient_checkpointing_enable
+            enable(checkpoint.keywords)
             text_encoder.train()
     if hp["compile"]:
         # Regional compilation (diffusers' `compile_repeated_blocks`, PyTorch's regional compilation recipe):

@@ -3,13 +3,16 @@ blocks compiled once and kept between runs (issue #9)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 
@@ -27,13 +30,27 @@ def lora_inputs_uncast(lora_layers: list[BaseTunerLayer], device_type: str) -> I
     if not torch.is_autocast_enabled(device_type):
         yield
         return
+    before = [layer.cast_input_dtype_enabled for layer in lora_layers]  # nested (recomputation inside a step)
     for layer in lora_layers:
         layer.cast_input_dtype_enabled = False
     try:
         yield
     finally:
-        for layer in lora_layers:
-            layer.cast_input_dtype_enabled = True
+        for layer, enabled in zip(lora_layers, before, strict=True):
+            layer.cast_input_dtype_enabled = enabled
+
+
+def checkpoint_function(recompute_context: Callable[[], AbstractContextManager]) -> Callable[..., Any]:
+    """``torch.utils.checkpoint`` as diffusers and transformers call it, its recomputation in ``recompute_context``.
+
+    The backward pass recomputes a checkpointed block outside the training step, so outside
+    :func:`lora_inputs_uncast`: without this, peft's input casts come back there (52 more copy kernels per step
+    on the tiny model) and a compiled block sees another flag than its graph was traced with, and recompiles.
+    Checkpoint restores the forward's autocast state before it enters ``recompute_context``.
+    """
+    return functools.partial(
+        torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=lambda: (nullcontext(), recompute_context())
+    )
 
 
 def fused_adam(optimizer: torch.optim.Optimizer, devices: tuple[str, ...] = ("cuda",)) -> torch.optim.Optimizer:

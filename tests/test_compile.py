@@ -61,3 +61,30 @@ def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp
             assert counter.frame_count == first < BLOCK_RECOMPILE_LIMIT
         finally:
             torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_checkpointed_blocks_recompute_with_their_compiled_graphs(tiny_sd, monkeypatch, tmp_path):
+    """Gradient checkpointing + compile under bf16 autocast: the backward pass recomputes each compiled block in
+    the state its forward traced (peft's input casts off), so it compiles no second graph per block."""
+    counter = CompileCounter()
+    real_compile = torch.compile
+
+    def counted_compile(model, **kwargs):
+        kwargs.pop("mode", None)
+        return real_compile(model, backend=counter, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counted_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    try:
+        model = LoRADiffusion(str(tiny_sd), compile=True, gradient_checkpointing=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.training_step(_batch(model, 2), 0)
+        forward_graphs = counter.frame_count
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile in the recomputation raises
+            loss.backward()
+        assert forward_graphs >= 1 and counter.frame_count == forward_graphs
+        assert all(p.grad is not None for p in model.unet.parameters() if p.requires_grad)
+    finally:
+        torch._dynamo.reset()

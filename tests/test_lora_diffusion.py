@@ -186,6 +186,27 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tiny_sd, tiny_tok
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_checkpointed_recomputation_skips_lora_input_casts_as_the_forward_did(tiny_sd, tiny_tokenizer):
+    """Under bf16 autocast the backward pass recomputes checkpointed blocks with peft's input casts off, as the
+    step's forward ran them (else extra copy kernels, and a compiled block would recompile for the other flag)."""
+    batch = _live_batch(tiny_tokenizer)
+    model = LoRADiffusion(str(tiny_sd), train_text_encoder=True, gradient_checkpointing=True)
+    calls = []
+    for layer in model._lora_layers:
+        layer.register_forward_pre_hook(lambda layer, _: calls.append(layer.cast_input_dtype_enabled))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_step(batch, 0)
+    forward, calls[:] = list(calls), []
+    loss.backward()
+    assert forward and not any(forward)
+    assert len(calls) >= len(model.unet.down_blocks) and not any(calls)  # recomputed, casts off as in the forward
+    assert all(layer.cast_input_dtype_enabled for layer in model._lora_layers)  # on again after the step
+    # Without autocast (float32) the casts stay on for the recomputation, as peft needs them there.
+    calls.clear()
+    model.training_step(batch, 0).backward()
+    assert calls and all(calls)
+
+
 def test_fused_adam_where_the_config_chose_no_implementation():
     from lightning_modules.mixed_precision import fused_adam
 
