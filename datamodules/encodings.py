@@ -61,10 +61,12 @@ def prepare_encodings(
         )
         if strategy is not None and rank == 0:
             strategy.barrier()
+        parked = model.park_vae_encoder() if hasattr(model, "park_vae_encoder") else False
         rank_zero_info(
             f"Latent cache {cache.folder}: {report.reused} entries reused, {report.encoded} encoded"
             + (f" ({report.rebuilt} corrupt ones rebuilt)" if report.rebuilt else "")
-            + "; the VAE encoder does not run during training."
+            + "; the VAE encoder does not run during training"
+            + (" and waits on the CPU." if parked else ".")
         )
     if getattr(model, "text_encoder_frozen", False):
         ids = dataset.input_ids

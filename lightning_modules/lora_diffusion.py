@@ -20,6 +20,7 @@ from lightning_modules.lora_generation import generate_images, generation_seeds
 from lightning_modules.lora_optimization import LoraOptimization, LRScheduler
 from lightning_modules.lora_setup import add_lora_adapters, apply_speed_options, check_settings, load_base
 from lightning_modules.mixed_precision import lora_inputs_uncast
+from lightning_modules.parked_encoder import ParkedEncoder
 from lightning_modules.prior_prompts import PriorPrompts
 
 
@@ -138,6 +139,7 @@ class LoRADiffusion(L.LightningModule):
         add_lora_adapters(self.vae, self.text_encoder, self.unet, self.hparams)
         self._lora_layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
         self.batched_generation = BatchedGeneration()
+        self.parked_encoder = ParkedEncoder(self.vae)
         apply_speed_options(self.text_encoder, self.unet, self.hparams, self._lora_inputs_under_autocast)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -257,9 +259,18 @@ class LoRADiffusion(L.LightningModule):
         # The trainer's precision (autocast for *-mixed): cached encodings must be computed as live ones are.
         return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
 
+    def park_vae_encoder(self) -> bool:
+        """Every training latent is cached: the VAE encoder waits on the CPU until it encodes again or the fit
+        ends (:class:`~lightning_modules.parked_encoder.ParkedEncoder`). ``False``: it was on the CPU already."""
+        return self.parked_encoder.park()
+
+    def on_train_end(self) -> None:
+        self.parked_encoder.unpark(self.device)
+
     @torch.no_grad()
     def latent_moments(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of the VAE's latent distribution of images in [-1, 1], float32."""
+        self.parked_encoder.unpark(self.device)
         with self._forward_context():
             dist = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
@@ -320,7 +331,7 @@ class LoRADiffusion(L.LightningModule):
         bar = trainer is not None and trainer.progress_bar_callback is not None and not trainer.sanity_checking
         # Lightning enters the precision context only around *_step; validation during fit calls this from a
         # callback, which would generate in float32 (twice as slow on a GPU, other pixels than `likeness test`).
-        with self._forward_context(), self._lora_inputs_under_autocast():
+        with self.parked_encoder.home(self.device), self._forward_context(), self._lora_inputs_under_autocast():
             return generate_images(
                 self.base, self.unet, self.text_encoder, self.batched_generation, self.hparams, prompts, seeds, bar
             )
