@@ -21,6 +21,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from stable_diffusion.host_timestep_pndm import HostTimestepPNDMScheduler
 from stable_diffusion.hub_access import HubAccessError, hub_local_only, not_cached_message
 
 SETTING = "model.pretrained_model_name_or_path"
@@ -65,6 +66,8 @@ class BaseModel:
                 f"{self.source}: scheduler {name!r} is not a diffusers scheduler class "
                 "(model.sampler takes names like DPMSolverMultistepScheduler)."
             )
+        if cls is diffusers.PNDMScheduler:  # the same sampler, without a GPU wait per step
+            cls = HostTimestepPNDMScheduler
         return cls.from_config(self.sampler_config)
 
     def pipeline(

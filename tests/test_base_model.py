@@ -290,3 +290,51 @@ def test_options_that_do_not_apply(single_files: dict, tiny_dir: Path) -> None:
         load_base_model(str(single_files["safetensors"]), variant="fp16")
     with pytest.raises(BaseModelError, match="single checkpoint files only"):
         load_base_model(str(tiny_dir), config=str(tiny_dir))
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_reads_no_timestep_from_the_device(tiny_dir: Path, skip_prk_steps: bool) -> None:
+    """SD1.x's sampler takes each timestep from a host copy of its schedule (issue #9: PNDM's own code copies it
+    from the GPU three times a step, each a wait). A schedule on the meta device, whose values cannot be read,
+    stands for the GPU: PNDM fails on it, ours steps through it to the same samples, bit for bit."""
+    config = {**load_base_model(str(tiny_dir)).sampler_config, "skip_prk_steps": skip_prk_steps}
+    model = load_base_model(str(tiny_dir))
+    model.sampler_config = config
+    ours, theirs = model.sampler(), PNDMScheduler.from_config(config)
+    assert isinstance(ours, PNDMScheduler) and type(ours) is not PNDMScheduler
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(1, 4, 8, 8, generator=g)
+    outputs = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(60)]
+
+    def run(scheduler, device: str) -> torch.Tensor:
+        scheduler.set_timesteps(30, device=device)
+        sample = start
+        for t, output in zip(scheduler.timesteps, outputs, strict=False):  # as the pipeline loops
+            sample = scheduler.step(output, t, sample).prev_sample
+        return sample
+
+    want = run(theirs, "cpu")
+    assert torch.equal(run(ours, "meta"), want) and torch.equal(run(ours, "cpu"), want)
+    if not skip_prk_steps:
+        assert len(ours.timesteps) > 30  # the Runge-Kutta warm-up steps ran too
+    with pytest.raises(RuntimeError, match="meta"):
+        run(PNDMScheduler.from_config(config), "meta")
+    # A timestep that is not an element of the schedule is used as PNDM uses it.
+    ours.set_timesteps(30)
+    theirs.set_timesteps(30)
+    t = int(ours.timesteps[0])
+    assert torch.equal(ours.step(outputs[0], t, start).prev_sample, theirs.step(outputs[0], t, start).prev_sample)
+
+
+def test_the_pipeline_hands_pndm_elements_of_its_schedule(tiny_dir: Path, monkeypatch) -> None:
+    """diffusers' pipeline loops over the scheduler's own timesteps: each step takes the host path (a copy of them
+    would silently bring the GPU waits back)."""
+    from stable_diffusion.host_timestep_pndm import HostTimestepPNDMScheduler
+
+    kinds, host = [], HostTimestepPNDMScheduler._host_timestep
+    monkeypatch.setattr(
+        HostTimestepPNDMScheduler, "_host_timestep", lambda self, t: kinds.append(type(host(self, t))) or host(self, t)
+    )
+    pipe = load_base_model(str(tiny_dir)).pipeline()
+    pipe("a face", num_inference_steps=4, height=64, width=64, output_type="np", generator=torch.Generator())
+    assert kinds == [int] * len(pipe.scheduler.timesteps) and len(kinds) >= 4
