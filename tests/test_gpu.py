@@ -14,6 +14,7 @@ from devices import CPU_AND_CUDA, CUDA
 
 from datamodules.face_data_module import FaceDataModule
 from lightning_modules.lora_diffusion import LoRADiffusion
+from lightning_modules.parked_encoder import ParkedEncoder
 
 
 class Losses(L.Callback):
@@ -139,3 +140,40 @@ def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_pat
     # Steps 1-4 met every shape (batches of 2 and 1, with and without gradient); from then on, the third
     # validation included, nothing new was compiled.
     assert graphed.graphs[3] > 0 and graphed.graphs[-1] == graphed.graphs[3]
+
+
+class MetaParking(ParkedEncoder):
+    """Parks the encoder on the meta device, where its weights cannot be read: any use between park and home fails
+    (the CPU's stand-in for a GPU run, where the parked encoder is on another device than the model)."""
+
+    def park(self) -> bool:
+        parts = self._parts()
+        self.saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in parts]
+        for module in parts:
+            module.to("meta")
+        self.parked = True
+        return True
+
+    def unpark(self, device: torch.device) -> None:
+        if self.parked:
+            for module, state in zip(self._parts(), self.saved, strict=True):
+                module.to_empty(device=device).load_state_dict(state)
+            self.parked = False
+
+
+def test_nothing_touches_the_parked_encoder_while_training(tiny_sd, demo_photos, tmp_path, monkeypatch):
+    """The wiring of the encoder's parking, on the CPU: parked once the latents are cached, brought home for
+    generation, back for good after fit; training and validation in between never read it."""
+    original = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16").vae.encoder.state_dict()
+    monkeypatch.setattr("lightning_modules.lora_diffusion.ParkedEncoder", MetaParking)
+    parked, plain = Losses(generate_at=(2,)), Losses(generate_at=(2,))
+    model = fit(tiny_sd, demo_photos, tmp_path / "parked", "cpu", 4, parked)
+    monkeypatch.undo()
+    fit(tiny_sd, demo_photos, tmp_path / "plain", "cpu", 4, plain)
+    assert parked.encoder_devices == {"meta"} and plain.encoder_devices == {"cpu"}
+    assert parked.losses == plain.losses  # same machine, same shapes: bit for bit
+    for ours, theirs in zip(parked.images[0], plain.images[0], strict=True):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    assert not model.parked_encoder.parked
+    for name, tensor in model.vae.encoder.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
