@@ -23,9 +23,9 @@ def _batch(model: LoRADiffusion, size: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "input_ids": ids}
 
 
-@pytest.mark.slow
-def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp_path):
-    counter = CompileCounter()  # a backend that counts the graphs dynamo hands it and runs them as they are
+def count_compiles(monkeypatch, tmp_path) -> CompileCounter:
+    """``torch.compile`` with a backend that counts the graphs dynamo hands it and runs them as they are."""
+    counter = CompileCounter()
     real_compile = torch.compile
 
     def counted_compile(model, **kwargs):
@@ -34,6 +34,12 @@ def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp
 
     monkeypatch.setattr(torch, "compile", counted_compile)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    return counter
+
+
+@pytest.mark.slow
+def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp_path):
+    counter = count_compiles(monkeypatch, tmp_path)
     # The tiny UNet needs 8 graphs here, exactly torch's default limit, where SD1.5 needs 14 (mixed_precision.py):
     # a limit of 4 stands for a default too low, which compiling must raise. A silent fallback to eager fails.
     # (config.patch puts torch's settings back afterwards.)
@@ -67,15 +73,7 @@ def test_validation_between_steps_compiles_nothing_new(tiny_sd, monkeypatch, tmp
 def test_checkpointed_blocks_recompute_with_their_compiled_graphs(tiny_sd, monkeypatch, tmp_path):
     """Gradient checkpointing + compile under bf16 autocast: the backward pass recomputes each compiled block in
     the state its forward traced (peft's input casts off), so it compiles no second graph per block."""
-    counter = CompileCounter()
-    real_compile = torch.compile
-
-    def counted_compile(model, **kwargs):
-        kwargs.pop("mode", None)
-        return real_compile(model, backend=counter, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", counted_compile)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    counter = count_compiles(monkeypatch, tmp_path)
     torch._dynamo.reset()
     try:
         model = LoRADiffusion(str(tiny_sd), compile=True, gradient_checkpointing=True)
