@@ -79,23 +79,24 @@ class StopAt(Callback):
 
 
 def test_resume_gives_identical_lora_weights(demo_cli, tmp_path):
-    # 7 photos, batch 2: 4 batches an epoch, so step 5 is mid-epoch (the hard case). A 2-step warmup and then
-    # cosine restarts: the learning rate changes every step, so a resume at the wrong LR would show.
+    # 7 photos, batch 2: 4 batches an epoch, so step 3 is mid-epoch (the hard case) and the resumed run crosses an
+    # epoch boundary (a new shuffle and flips). A 2-step warmup and then cosine restarts: the learning rate changes
+    # every step, so a resume at the wrong LR would show.
     common = [
-        "--trainer.max_steps=10",
+        "--trainer.max_steps=6",
         "--trainer.limit_val_batches=0",
-        "--checkpoint.every_n_train_steps=5",
+        "--checkpoint.every_n_train_steps=3",
         "--data.random_flip=true",
         "--model.lr_warmup_steps=2",
         "--model.lora_dropout=0.1",
     ]
     whole = main(demo_cli("fit", tmp_path / "whole", *common))
-    stop = '--trainer.callbacks+={"class_path": "test_train_cli.StopAt", "init_args": {"step": 5}}'
+    stop = '--trainer.callbacks+={"class_path": "test_train_cli.StopAt", "init_args": {"step": 3}}'
     half = main(demo_cli("fit", tmp_path / "half", *common, stop))
-    half_ckpt = Path(half.trainer.log_dir) / "checkpoints" / "step000005.ckpt"
-    assert torch.load(half_ckpt, weights_only=True)["global_step"] == 5
+    half_ckpt = Path(half.trainer.log_dir) / "checkpoints" / "step000003.ckpt"
+    assert torch.load(half_ckpt, weights_only=True)["global_step"] == 3
     resumed = main(demo_cli("fit", tmp_path / "half", *common, f"--ckpt_path={half_ckpt}"))
-    assert resumed.trainer.global_step == 10
+    assert resumed.trainer.global_step == 6
     lrs = [g["lr"] for g in resumed.trainer.optimizers[0].param_groups]
     assert lrs == [g["lr"] for g in whole.trainer.optimizers[0].param_groups]
     a = lora_tensors(Path(whole.trainer.log_dir) / "checkpoints" / "last.ckpt")
