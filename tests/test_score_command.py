@@ -178,7 +178,8 @@ def trained(demo_cli, tmp_path_factory) -> Path:
     cli_run = train_main(
         demo_cli(
             "fit", root, "--trainer.max_steps=2", "--model.optimizer.init_args.lr=0.05", "--model.lr_warmup_steps=0",
-            "--model.num_inference_steps=4", f"--data.validation_prompts={root / 'prompts.txt'}", "--export.name=me",
+            "--model.num_inference_steps=4", "--model.image_size=null",  # the native 64 px, as `score --lora` draws
+            f"--data.validation_prompts={root / 'prompts.txt'}", "--export.name=me",
             "--validation.baseline=false", "--validation.at_end=false",
         )
     )  # fmt: skip
