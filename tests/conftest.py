@@ -67,7 +67,7 @@ def demo_cli(tiny_sd, demo_photos, tmp_path_factory):
             f"--data.cache_dir={latent_dir}",
             "--validation.clip_model=null",
             # Validation images of 32 px (latents of 16², attention over 256 places, not 1,024) in 4 steps, not the
-            # demo's 64 px in 10: a tenth of the sampling time in each of the suite's ~100 validations.
+            # demo's 64 px in 10: a tenth of the sampling time, in every validation of every fit the tests run.
             "--model.image_size=32",
             "--model.num_inference_steps=4",
             "--trainer.enable_progress_bar=false",
