@@ -11,6 +11,7 @@ one process, one after the other. Usage, from the repo root::
     python benchmarks/train_speed.py --end-to-end --e2e-steps 2000 --e2e-val-every 100
     python benchmarks/train_speed.py --settings none --generation     # 25 prompts x 30 steps, as validation does
     python benchmarks/train_speed.py --device cpu --resolution 64 --warmup 2 --steps 5
+    python benchmarks/train_speed.py --device cpu --resolution 64 --plain-heap-reuse  # baseline with likeness's malloc
 
 ``benchmarks/device_check.sh`` runs it on a GPU machine with the GPU tests. The plain recipe is in
 ``plain_recipe.py``, the settings and the step clock in ``speed_settings.py``.
@@ -34,6 +35,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,21 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     }
 
 
+@contextlib.contextmanager
+def plain_heap(reuse: bool) -> Iterator[None]:
+    """With ``--plain-heap-reuse`` the baseline runs with likeness's malloc switches too (CPU, glibc): how much of
+    the ratio on a CPU they make."""
+    from callbacks.cpu_heap_reuse import CPUHeapReuse
+
+    heap = CPUHeapReuse()
+    if reuse and not heap.hold():
+        print("note: --plain-heap-reuse needs glibc; the plain recipe runs without it", flush=True)
+    try:
+        yield
+    finally:
+        heap.release()
+
+
 def free_memory() -> None:
     # Each run compiles its own model: graphs of the last one would only count against dynamo's recompile limit.
     torch._dynamo.reset()
@@ -268,6 +285,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, help="random SD1.5 folder to reuse (written there if missing)")
     p.add_argument("--likeness-option", action="append", default=[], metavar="KEY=VALUE", help="model.X= or data.X=")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--plain-heap-reuse",
+        action="store_true",
+        help="run the plain recipe with likeness's glibc malloc switches too (callbacks/cpu_heap_reuse.py)",
+    )
     p.add_argument("--end-to-end", action="store_true", help="one likeness hw run with validation every N steps")
     p.add_argument("--e2e-steps", type=int, default=2000)
     p.add_argument("--e2e-val-every", type=int, default=100)
@@ -306,6 +328,7 @@ def build_report(args: argparse.Namespace, results: list[dict[str, Any]], **part
         "steps": args.steps,
         "num_photos": args.num_photos,
         "likeness_options": dict(args.likeness_option),
+        "plain_heap_reuse": args.plain_heap_reuse,
         "results": results,
         "ratio_likeness_over_plain": ratios,
         "end_to_end": parts.get("end_to_end"),
@@ -333,14 +356,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(tmp)
         model_dir = build_model_dir((args.model_dir or work / "sd15-random").resolve(), args.seed)
         photos = write_photos(work / "photos", args.num_photos, args.photo_size, args.seed)
-        for name in args.settings:
-            for path in ("likeness", "plain"):
+        # Every plain run first: a likeness fit on the CPU switches glibc's malloc (callbacks.cpu_heap_reuse) and,
+        # although it switches it back, leaves its mmap threshold fixed; the baseline runs as a fresh process would.
+        for path in ("plain", "likeness"):
+            for name in args.settings:
                 print(f"--- {name} / {path}", flush=True)
                 free_memory()
                 if path == "likeness":
                     results.append(run_likeness(args, name, model_dir, photos, work / f"run-{name}", max_steps))
                 else:
-                    results.append(run_plain(args, name, model_dir, photos, max_steps))
+                    with plain_heap(args.plain_heap_reuse):
+                        results.append(run_plain(args, name, model_dir, photos, max_steps))
                 free_memory()
                 save_report(args, build_report(args, results))
         if args.end_to_end:
@@ -357,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             free_memory()
     report = build_report(args, results, **parts)
     print(f"\ndevice: {report['device']}  torch {report['torch']}  precision {args.precision}  ", end="")
-    print(f"resolution {args.resolution}  warm-up {args.warmup} + timed {args.steps} steps")
+    print(f"resolution {args.resolution}  warm-up {args.warmup} + timed {args.steps} steps", end="")
+    print("  (plain with likeness's heap reuse)" if args.plain_heap_reuse else "")
     print_table(results, report["ratio_likeness_over_plain"])
     if (e2e := report["end_to_end"]) is not None:
         print(f"end-to-end (likeness hw, {args.e2e_steps} steps): total {e2e['total_s']:.1f} s, ", end="")

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
+from callbacks.cpu_heap_reuse import CPUHeapReuse
 from lightning_modules import training_batch
 from lightning_modules.diffusion_loss import DiffusionLoss, PriorPreservation, diffusion_loss_terms
 from lightning_modules.generation import BatchedGeneration
@@ -147,6 +148,10 @@ class LoRADiffusion(L.LightningModule):
 
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Part of the training path wherever a Trainer runs this module (train.py, the benchmark, a notebook).
+        return [CPUHeapReuse()]
 
     # --- training -------------------------------------------------------------------------------------------
 
