@@ -6,9 +6,10 @@ threshold of 128 KiB to 32 MiB) with a new ``mmap`` and hands it back with ``mun
 zero-fills every page again on the next call: on SD1.5 at 64 px, batch 8, 3.6 GB and 920,000 page faults a step, a
 third of the step spent in the kernel (AMD EPYC, 2 cores: a UNet LoRA step 3.0 s, 1.8 s with this). On a GPU the
 CUDA caching allocator keeps freed memory the same way; PyTorch's performance tuning guide gets it on a CPU by
-preloading jemalloc or tcmalloc. Here glibc's own switches (``mallopt``) do it for the length of a fit, validate, test or predict: no
-``mmap`` for large blocks, and the free memory at the heap's top kept. The peak memory stays what it was (the
-buffers existed anyway; 4.3 GB both ways on that run), but it is not given back between steps; at the end it is.
+preloading jemalloc or tcmalloc. Here glibc's own switches (``mallopt``) do it for the length of a fit, validate,
+test or predict: no ``mmap`` for large blocks, and the free memory at the heap's top kept. The peak memory stays
+what it was (the buffers existed anyway; 4.3 GB both ways on that run), but it is not given back between steps;
+at the end it is.
 """
 
 from __future__ import annotations
