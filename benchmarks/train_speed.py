@@ -195,18 +195,20 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     """The HW setting's model generating all 25 prompts at ``--generation-steps`` sampler steps and ``--resolution``,
     as a validation does (one call; fewer at a time only if memory runs out), twice: the first call warms up
     (cuDNN's algorithm search, compiling), the second is the figure."""
+    from callbacks.cpu_heap_reuse import cpu_heap_reuse
     from lightning_modules.lora_diffusion import LoRADiffusion
 
     settings = {"num_inference_steps": args.generation_steps, "image_size": args.resolution}
     model_kw = likeness_model_kwargs(args, "hw", model_dir) | settings
     module = LoRADiffusion(**accepted(LoRADiffusion, model_kw)).to(args.device).eval()
     device, seeds, seconds = torch.device(args.device), list(range(len(PROMPTS))), []
-    for _ in range(2):
-        sync(device)
-        start = time.perf_counter()
-        images = module.generate(PROMPTS, seeds)
-        sync(device)
-        seconds.append(time.perf_counter() - start)
+    with cpu_heap_reuse(device.type == "cpu"):  # as a validation inside a fit runs (LoRADiffusion's callbacks)
+        for _ in range(2):
+            sync(device)
+            start = time.perf_counter()
+            images = module.generate(PROMPTS, seeds)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
     return {
         "prompts": len(images),
         "steps": args.generation_steps,
@@ -222,15 +224,12 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
 def plain_heap(reuse: bool) -> Iterator[None]:
     """With ``--plain-heap-reuse`` the baseline runs with likeness's malloc switches too (CPU, glibc): how much of
     the ratio on a CPU they make."""
-    from callbacks.cpu_heap_reuse import CPUHeapReuse
+    from callbacks.cpu_heap_reuse import cpu_heap_reuse
 
-    heap = CPUHeapReuse()
-    if reuse and not heap.hold():
-        print("note: --plain-heap-reuse needs glibc; the plain recipe runs without it", flush=True)
-    try:
+    with cpu_heap_reuse(reuse) as held:
+        if reuse and not held:
+            print("note: --plain-heap-reuse needs glibc; the plain recipe runs without it", flush=True)
         yield
-    finally:
-        heap.release()
 
 
 def free_memory() -> None:

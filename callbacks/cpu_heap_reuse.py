@@ -14,8 +14,10 @@ at the end it is.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
+from collections.abc import Iterator
 
 import lightning as L
 
@@ -34,6 +36,17 @@ def glibc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextlib.contextmanager
+def cpu_heap_reuse(enabled: bool = True) -> Iterator[bool]:
+    """The same switches around work done outside a trainer (``likeness score`` generating on a CPU, the
+    benchmark's plain recipe); yields whether they are on. ``enabled=False`` leaves malloc as it is."""
+    heap = CPUHeapReuse()
+    try:
+        yield enabled and heap.hold()
+    finally:
+        heap.release()
 
 
 class CPUHeapReuse(L.Callback):
