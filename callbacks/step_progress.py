@@ -8,6 +8,7 @@ from collections import deque
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
@@ -20,7 +21,9 @@ class StepProgressBar(TQDMProgressBar):
 
     Reading the loss for the bar copies it from the GPU, which waits for the step to finish: drawn every step, the
     CPU could never queue the next step while the GPU works on this one (issue #9). So the bar redraws at most every
-    ``refresh_seconds``, and the steps in between run without a wait.
+    ``refresh_seconds``, and the steps in between run without a wait. The loss comes from the step's output:
+    Lightning turns every metric logged with ``prog_bar=True`` into a number after every step, drawn or not, so
+    :class:`LoRADiffusion` logs ``train/loss`` without it.
 
     img/s counts training alone: each step is timed from its batch start to this bar's ``on_train_batch_end``,
     which ``train.py`` puts before the other callbacks' (validation, checkpoints), so their pauses are not in it.
@@ -61,7 +64,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, idx) -> None:
         bar = self.train_progress_bar
         draw = bar is not None and not bar.disable and self._due(trainer, time.perf_counter())
-        metrics = super().get_metrics(trainer, pl_module) if draw else {}  # waits for the GPU: after it, the time
+        metrics = self._drawn_metrics(trainer, pl_module, outputs) if draw else {}  # waits for the GPU: then the time
         now = time.perf_counter()
         self._steps += 1
         self._seconds += now - self._batch_started
@@ -90,6 +93,15 @@ class StepProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return self._with_speed(super().get_metrics(trainer, pl_module))
+
+    def _drawn_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> dict[str, Any]:
+        """The bar's metrics with the step's loss, read from its output (the module logs ``train/loss`` without
+        ``prog_bar``: Lightning would read a progress-bar metric from the GPU after every step, drawn or not)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            metrics.setdefault("train/loss", loss.item())
+        return metrics
 
     def _with_speed(self, metrics: dict[str, Any]) -> dict[str, Any]:
         metrics.pop("v_num", None)  # the run folder's number, not a measurement

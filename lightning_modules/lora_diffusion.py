@@ -168,7 +168,9 @@ class LoRADiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", terms.loss, prog_bar=True, batch_size=batch_size)
+        # Not prog_bar: Lightning turns progress-bar metrics into numbers after every step, a wait for the GPU each
+        # (issue #9); StepProgressBar reads the loss from the step's output when it redraws.
+        self.log("train/loss", terms.loss, batch_size=batch_size)
         if terms.prior_loss is not None:
             # train/loss is what trains (the total); the photos' part alone stays comparable with runs without it.
             self.log("train/identity_loss", terms.identity_loss.detach(), batch_size=batch_size)

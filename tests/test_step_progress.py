@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import lightning as L
 import pytest
 import torch
@@ -45,7 +47,7 @@ class Linear(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.layer(batch).square().mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/loss", loss, batch_size=1)  # as LoRADiffusion: the bar reads the loss from the output
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -113,3 +115,34 @@ def test_cli_puts_the_bar_before_validation_and_checkpoints(demo_cli, tmp_path):
     assert isinstance(cli.trainer.callbacks[0], StepProgressBar), names
     assert names.count("StepProgressBar") == 1 and "TQDMProgressBar" not in names
     assert any(isinstance(callback, IdentityValidation) for callback in cli.trainer.callbacks)
+
+
+def test_a_likeness_fit_reads_nothing_from_the_device_on_steps_the_bar_does_not_draw(demo_cli, tmp_path, monkeypatch):
+    """On a GPU each ``Tensor.item`` waits for it: a step that reads one cannot be queued while the last one runs.
+    With the bar drawing steps 1 and 12 only, and the NaN check, logging and validation not due, no other step
+    may read anything (a loss logged with ``prog_bar`` would be read after every one)."""
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    step, reads, item = [0], {}, torch.Tensor.item
+
+    def counted(tensor: torch.Tensor):
+        # Host-side by construction on any device: the data loader's draws, and the CPU step counter that the
+        # optimizer's CPU kernel reads (on a GPU the fused kernel keeps it on the device and reads nothing).
+        host = ("torch/utils/data/", "torch/optim/", "datamodules/")
+        if not any(
+            part in frame.filename.replace("\\", "/") for frame in traceback.extract_stack()[:-1] for part in host
+        ):
+            reads[step[0]] = reads.get(step[0], 0) + 1
+        return item(tensor)
+
+    def batch_start(module: LoRADiffusion, batch, batch_idx: int) -> None:
+        step[0] = module.trainer.global_step + 1
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    monkeypatch.setattr(LoRADiffusion, "on_train_batch_start", batch_start, raising=False)
+    monkeypatch.setattr(StepProgressBar, "_due", lambda self, trainer, now: trainer.global_step in (1, 12))
+    args = demo_cli("fit", tmp_path, "--trainer.max_steps=12", "--trainer.enable_progress_bar=true")
+    args += ["--validation.every_n_steps=100", "--nan_guard.check_every_n_steps=100", "--trainer.log_every_n_steps=100"]
+    assert main(args).trainer.global_step == 12
+    assert {s for s in reads if 1 <= s <= 12} <= {1, 12}, reads
+    assert reads.get(12, 0) >= 1  # the drawn step read its loss (the counting works)
