@@ -202,7 +202,8 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
     model_kw = likeness_model_kwargs(args, "hw", model_dir) | settings
     module = LoRADiffusion(**accepted(LoRADiffusion, model_kw)).to(args.device).eval()
     device, seeds, seconds = torch.device(args.device), list(range(len(PROMPTS))), []
-    with cpu_heap_reuse(device.type == "cpu"):  # as a validation inside a fit runs (LoRADiffusion's callbacks)
+    # As a validation inside a fit runs: under the trainer's autocast, and on a CPU with LoRADiffusion's callback.
+    with cpu_heap_reuse(device.type == "cpu"), precision_context(args):
         for _ in range(2):
             sync(device)
             start = time.perf_counter()
@@ -218,6 +219,15 @@ def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]
         "images_per_call": module.batched_generation.max_batch or len(PROMPTS),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
     }
+
+
+def precision_context(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The autocast that a Trainer of ``--precision`` runs its steps and validations under (Lightning's own)."""
+    if not args.precision.endswith("-mixed"):
+        return contextlib.nullcontext()
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision(args.precision, args.device).forward_context()
 
 
 @contextlib.contextmanager
