@@ -4,8 +4,9 @@
 #   here:    bash benchmarks/device_wheels.sh              (once: the wheels the machine lacks, into .whl/)
 #   there:   bash benchmarks/device_check.sh PHASE...      (run with carry [".whl"]; results land in $OUT)
 #
-# Phases (each under its own timeout; worst cases add up to 540 s for the default, inside a call's 600 s):
-#   tests     pytest -m gpu: bf16 training, cached latents, batched generation, CUDA graphs around validation
+# Phases (each under its own timeout; worst cases add up to 580 s for the default, inside a call's 600 s):
+#   tests     pytest -m gpu: bf16 training, cached latents, batched generation, CUDA graphs around validation and
+#             with gradient accumulation
 #   compiled  train_speed.py with model.compile=true, compile_mode=reduce-overhead (CUDA graphs): HW b2, UNet-only
 #             r4 b2 and b8, likeness against the plain recipe in the same process; then 25 prompts x 30 steps
 #   speed     the three settings eager (model.compile=false), likeness against the plain recipe
@@ -39,7 +40,7 @@ for p in "${phases[@]}"; do
   fi
   case $p in
     # Only the files holding gpu tests: the others import what the machine lacks (jsonargparse, deepface).
-    tests) timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -lE "from devices import|mark\.gpu" tests/test_*.py) \
+    tests) timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider $(grep -lE "from devices import|mark\.gpu" tests/test_*.py) \
       2>&1 | tee "$OUT/tests.log" ;;
     speed) timeout 200 "${speed[@]}" --json "$OUT/speed.json" 2>&1 | tee "$OUT/speed.log" ;;
     compiled) timeout 290 "${speed[@]}" "${compiled[@]}" --generation --json "$OUT/compiled.json" 2>&1 \

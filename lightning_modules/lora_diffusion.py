@@ -25,6 +25,9 @@ from lightning_modules.parked_encoder import ParkedEncoder
 from lightning_modules.prior_prompts import PriorPrompts
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
 def adamw(params) -> torch.optim.Optimizer:
     # Stays here: a run's saved config.yaml names the default optimizer `lightning_modules.lora_diffusion.adamw`.
     return torch.optim.AdamW(params, lr=1e-4)
@@ -310,6 +313,27 @@ class LoRADiffusion(L.LightningModule):
         optimizer, scheduler = self.optimizers().optimizer, self.lr_schedulers()
         total = int(self.trainer.estimated_stepping_batches)
         self.optimization.restore_configured_lrs(self.param_groups(), optimizer, scheduler, self._resumed_plan, total)
+
+    @property
+    def keeps_grad_buffers(self) -> bool:
+        """Gradients accumulate over micro-batches through CUDA graphs (``model.compile_mode`` reduce-overhead or
+        max-autotune, ``trainer.accumulate_grad_batches`` above 1): they need buffers of their own."""
+        hp, trainer = self.hparams, self._trainer
+        graphs = hp.compile and hp.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        return bool(graphs and trainer is not None and trainer.accumulate_grad_batches > 1)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # A compiled block's backward writes the LoRA gradients into CUDA graph memory that the next replay reuses,
+        # and autograd keeps that tensor as .grad: accumulated into after the next micro-batch's forward, it would
+        # have been overwritten (torch's cudagraph trees stop with an error). Buffers allocated here, outside the
+        # graphs, are added into instead and zeroed in place; one step without accumulation needs none.
+        if not self.keeps_grad_buffers:
+            optimizer.zero_grad()
+            return
+        optimizer.zero_grad(set_to_none=False)
+        for param in self.trainable_parameters():
+            if param.grad is None:  # the first step, or one the NaN guard skipped
+                param.grad = torch.zeros_like(param)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return self.optimization.configure(self.param_groups(), int(self.trainer.estimated_stepping_batches))

@@ -6,6 +6,8 @@ with a GPU runs the CUDA half (``benchmarks/device_check.sh`` does, with the spe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import numpy as np
 import pytest
@@ -52,7 +54,15 @@ class Losses(L.Callback):
 
 
 def fit(
-    tiny_sd, photos, tmp_path, device: str, steps: int, callback: L.Callback, cache_latents: bool = True, **model_kw
+    tiny_sd,
+    photos,
+    tmp_path,
+    device: str,
+    steps: int,
+    callback: L.Callback,
+    cache_latents: bool = True,
+    accumulate: int = 1,
+    **model_kw,
 ) -> LoRADiffusion:
     L.seed_everything(0, verbose=False)
     model = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16", num_inference_steps=2, **model_kw)
@@ -63,6 +73,7 @@ def fit(
         devices=1,
         precision="bf16-mixed",
         max_steps=steps,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -112,9 +123,15 @@ def test_cached_latents_train_like_live_encoding_in_bf16(tiny_sd, demo_photos, t
     assert max(losses[True]) / min(losses[True]) > 1 + 10 * tolerance
 
 
+@pytest.fixture
+def compile_cache(tmp_path_factory, monkeypatch) -> None:
+    """One inductor cache for the CUDA graph tests: the second compiles the same blocks and reuses the kernels."""
+    root = tmp_path_factory.getbasetemp() / "inductor-cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root))
+
+
 @pytest.mark.parametrize("device", [CUDA])
-def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_path, device, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compiled"))
+def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_path, device, compile_cache):
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     runs = {}
     for mode in ("eager", "reduce-overhead"):
@@ -140,6 +157,90 @@ def test_cuda_graphs_train_and_generate_like_eager(tiny_sd, demo_photos, tmp_pat
     # Steps 1-4 met every shape (batches of 2 and 1, with and without gradient); from then on, the third
     # validation included, nothing new was compiled.
     assert graphed.graphs[3] > 0 and graphed.graphs[-1] == graphed.graphs[3]
+
+
+class Grads(Losses):
+    """Also sees, at every optimizer step, whether one LoRA weight's gradient is the tensor it already was before
+    each of the step's backward passes: added into in place, not a tensor a backward pass handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grads_before: list[torch.Tensor | None] = []
+        self.kept: list[bool] = []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.grads_before.append(pl_module.trainable_parameters()[0].grad)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grad = pl_module.trainable_parameters()[0].grad
+        self.kept.append(len(self.grads_before) == 2 and all(g is grad for g in self.grads_before))
+        self.grads_before = []
+
+
+def lora_weights(model: LoRADiffusion) -> dict[str, torch.Tensor]:
+    return {n: t.float().cpu() for n, t in model.state_dict().items() if n in model.trainable_names()}
+
+
+def test_kept_grad_buffers_accumulate_like_fresh_gradients(tiny_sd, demo_photos, tmp_path, monkeypatch):
+    """The buffers that gradient accumulation through CUDA graphs needs (LoRADiffusion.optimizer_zero_grad), on the
+    CPU: each step's gradients accumulate in tensors allocated before its backward passes (a validation's zero_grad
+    may drop them: the next step allocates again), and the training is the same bit for bit."""
+    runs = {}
+    for kept in (False, True):
+        if kept:
+            monkeypatch.setattr(LoRADiffusion, "keeps_grad_buffers", property(lambda self: True))
+        callback = Grads()
+        model = fit(tiny_sd, demo_photos, tmp_path / str(kept), "cpu", 3, callback, accumulate=2)
+        runs[kept] = callback, lora_weights(model)
+    (fresh, fresh_weights), (kept, kept_weights) = runs[False], runs[True]
+    assert kept.kept == [True] * 3
+    assert fresh.kept == [False] * 3  # the default: each step's first backward hands out a new tensor
+    assert kept.losses == fresh.losses and len(kept.losses) == 6
+    for name, weight in fresh_weights.items():
+        assert torch.equal(kept_weights[name], weight), name
+
+
+def test_grad_buffers_only_where_cuda_graphs_accumulate(tiny_sd):
+    model = LoRADiffusion(str(tiny_sd))
+    cases = {  # (compile, compile_mode, device, accumulate_grad_batches): keeps buffers
+        (True, "reduce-overhead", "cuda", 2): True,
+        (True, "max-autotune", "cuda", 4): True,
+        (True, "reduce-overhead", "cuda", 1): False,  # one backward a step: nothing accumulates
+        (True, "default", "cuda", 2): False,  # no CUDA graphs
+        (True, "max-autotune-no-cudagraphs", "cuda", 2): False,
+        (True, "reduce-overhead", "cpu", 2): False,  # inductor captures no graphs on a CPU
+        (False, "reduce-overhead", "cuda", 2): False,  # nothing compiled
+    }
+    for (compiled, mode, device, accumulate), keeps in cases.items():
+        model.hparams.compile, model.hparams.compile_mode = compiled, mode
+        model._device, model._trainer = torch.device(device, 0), SimpleNamespace(accumulate_grad_batches=accumulate)
+        assert model.keeps_grad_buffers == keeps, (compiled, mode, device, accumulate)
+    model._trainer = None
+    assert not model.keeps_grad_buffers
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_graphs_accumulate_gradients_like_eager(tiny_sd, demo_photos, tmp_path, device, compile_cache):
+    """Two micro-batches a step through CUDA graphs: without buffers of their own the gradients of the first would
+    be overwritten by the second's replay (torch stops with an error)."""
+    runs = {}
+    for mode in ("eager", "reduce-overhead"):
+        torch._dynamo.reset()
+        compiled = {"compile": True, "compile_mode": mode} if mode != "eager" else {}
+        callback = Losses()
+        model = fit(tiny_sd, demo_photos, tmp_path / mode, device, 2, callback, accumulate=2, **compiled)
+        runs[mode] = callback.losses, lora_weights(model)
+    torch._dynamo.reset()
+    (eager_losses, eager_weights), (graphed_losses, graphed_weights) = runs["eager"], runs["reduce-overhead"]
+    assert graphed_losses == pytest.approx(eager_losses, rel=2e-2) and len(graphed_losses) == 4
+    # Adam moves every weight by about the learning rate whatever its gradient's size: a gradient overwritten by
+    # the next replay shows in the direction of the change, which must be eager's.
+    L.seed_everything(0, verbose=False)
+    start = lora_weights(LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16"))
+    eager_change = torch.cat([(eager_weights[n] - start[n]).flatten() for n in sorted(start)])
+    graphed_change = torch.cat([(graphed_weights[n] - start[n]).flatten() for n in sorted(start)])
+    assert eager_change.norm() > 0
+    assert torch.nn.functional.cosine_similarity(graphed_change, eager_change, dim=0) > 0.9
 
 
 class MetaParking(ParkedEncoder):
