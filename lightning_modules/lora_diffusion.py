@@ -24,7 +24,6 @@ from lightning_modules.mixed_precision import lora_inputs_uncast
 from lightning_modules.parked_encoder import ParkedEncoder
 from lightning_modules.prior_prompts import PriorPrompts
 
-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
@@ -336,7 +335,10 @@ class LoRADiffusion(L.LightningModule):
                 param.grad = torch.zeros_like(param)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return self.optimization.configure(self.param_groups(), int(self.trainer.estimated_stepping_batches))
+        # A fused Adam unscales gradients inside its step, so Lightning's mixed precision refuses to clip them
+        # (RuntimeError at the first step): with trainer.gradient_clip_val the optimizer stays unfused.
+        fuse = not (self.trainer.gradient_clip_val or 0) > 0
+        return self.optimization.configure(self.param_groups(), int(self.trainer.estimated_stepping_batches), fuse)
 
     # --- small checkpoints ----------------------------------------------------------------------------------
 

@@ -50,10 +50,11 @@ class LoraOptimization:
         )
         return scheduler if optimizer is not None else scheduler.lr_lambdas[0]
 
-    def configure(self, groups: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
-        """What ``configure_optimizers`` returns: the optimizer over ``groups``, stepped by the schedule every
-        optimizer step."""
-        optimizer = fused_adam(self.optimizer_factory(groups))
+    def configure(self, groups: list[dict[str, Any]], total_steps: int, fuse: bool = True) -> dict[str, Any]:
+        """What ``configure_optimizers`` returns: the optimizer over ``groups`` (Adam/AdamW fused on a GPU when
+        ``fuse``), stepped by the schedule every optimizer step."""
+        optimizer = self.optimizer_factory(groups)
+        optimizer = fused_adam(optimizer) if fuse else optimizer
         scheduler = self.schedule(total_steps, optimizer)
         # "train/lr": LearningRateMonitor logs train/lr/unet and train/lr/te, beside the loss in TensorBoard.
         return {

@@ -6,6 +6,7 @@ with a GPU runs the CUDA half (``benchmarks/device_check.sh`` does, with the spe
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import lightning as L
@@ -62,6 +63,7 @@ def fit(
     callback: L.Callback,
     cache_latents: bool = True,
     accumulate: int = 1,
+    clip: float | None = None,
     **model_kw,
 ) -> LoRADiffusion:
     L.seed_everything(0, verbose=False)
@@ -74,6 +76,7 @@ def fit(
         precision="bf16-mixed",
         max_steps=steps,
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -102,6 +105,25 @@ def test_bf16_training_changes_only_the_float32_lora(tiny_sd, demo_photos, tmp_p
     assert any(not torch.equal(model.state_dict()[n].cpu(), before[n]) for n in trainable if "lora_B" in n)
     optimizer = model.trainer.optimizers[0]
     assert bool(optimizer.defaults.get("fused")) == (device == "cuda")  # one fused AdamW kernel on a GPU
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_gradient_clipping_under_mixed_precision_trains_with_an_unfused_adam(
+    tiny_sd, demo_photos, tmp_path, device, monkeypatch
+):
+    """Lightning's mixed precision cannot clip the gradients of a fused Adam (it unscales them in its step) and stops
+    at the first step; with trainer.gradient_clip_val the optimizer stays unfused. On the CPU the fused kernel is
+    let in too (torch has one there), so the same choice is made and tested here."""
+    import lightning_modules.lora_optimization as lora_optimization
+
+    monkeypatch.setattr(lora_optimization, "fused_adam", partial(lora_optimization.fused_adam, devices=("cpu", "cuda")))
+    fused = {}
+    for clip in (None, 1.0):
+        losses = Losses()
+        model = fit(tiny_sd, demo_photos, tmp_path / str(clip), device, 2, losses, clip=clip)
+        fused[clip] = bool(model.trainer.optimizers[0].defaults.get("fused"))
+        assert len(losses.losses) == 2 and all(np.isfinite(losses.losses))
+    assert fused == {None: True, 1.0: False}
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
