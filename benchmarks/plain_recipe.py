@@ -59,7 +59,8 @@ def run_plain(args: argparse.Namespace, name: str, model_dir: Path, photos: Path
     text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     load_s = time.perf_counter() - start
-    clock = StepClock(device)  # "first step s" counts from here, as likeness's counts from trainer.fit
+    # "first step s" counts from here, as likeness's counts from trainer.fit
+    clock = StepClock(device, synced_steps=args.warmup + args.steps)
     for model in (vae, text_encoder, unet):
         model.requires_grad_(False)
         model.to(device, dtype=weight_dtype)

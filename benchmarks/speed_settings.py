@@ -39,23 +39,38 @@ def sync(device: torch.device) -> None:
 
 
 class StepClock(L.Callback):
-    """Step times (CUDA synchronised before each reading), gaps between step ends, and ``origin`` to first step.
+    """Step times (CUDA synchronised before each reading), gaps between step ends, and ``origin`` to first step;
+    after ``synced_steps`` steps, the rest run without a sync and only their ends are marked (CUDA events), so the
+    CPU may queue a step while the GPU still runs the last one, as in a real run: ``async`` figures.
 
     Called by hand in the plain loop; as a Lightning callback it times each optimizer step of a likeness run.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, synced_steps: int | None = None) -> None:
         self.device, self.origin, self.begin = device, time.perf_counter(), 0.0
+        self.synced_steps = synced_steps
         self.last: float | None = None
         self.first_step_s: float | None = None
         self.steps: list[float] = []
         self.gaps: list[float] = []
+        self.ends: list[Any] = []  # unsynced steps: a CUDA event (a clock reading on a CPU) at each end
+
+    def _synced(self) -> bool:
+        return self.synced_steps is None or len(self.steps) < self.synced_steps
 
     def start(self) -> None:
-        sync(self.device)
-        self.begin = time.perf_counter()
+        if self._synced():
+            sync(self.device)
+            self.begin = time.perf_counter()
 
     def stop(self) -> None:
+        if not self._synced():
+            if self.device.type == "cuda":
+                self.ends.append(torch.cuda.Event(enable_timing=True))
+                self.ends[-1].record()
+            else:
+                self.ends.append(time.perf_counter())
+            return
         sync(self.device)
         now = time.perf_counter()
         self.steps.append(now - self.begin)
@@ -64,6 +79,13 @@ class StepClock(L.Callback):
         else:
             self.gaps.append(now - self.last)
         self.last = now
+
+    def async_gaps(self) -> list[float]:
+        """Seconds between the ends of consecutive unsynced steps (on the GPU's own clock)."""
+        if self.device.type == "cuda" and self.ends:
+            sync(self.device)
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.ends, self.ends[1:], strict=False)]
+        return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
 
     def on_train_batch_start(self, *_: Any) -> None:
         self.start()
@@ -75,12 +97,16 @@ class StepClock(L.Callback):
         """img/s from the median step after warm-up; gaps[i] runs from the end of step i to the end of step i + 1."""
         timed, gaps = self.steps[args.warmup :], self.gaps[max(args.warmup - 1, 0) :]
         median = statistics.median(timed) if timed else None
+        # The median of the gaps: a validation or an epoch's end between two steps is one long gap among many.
+        async_gaps = self.async_gaps()
         return {
             "setting": setting,
             "path": path,
             "batch": batch,
             "img_per_s": batch / median if median else None,
             "img_per_s_with_data": batch / statistics.median(gaps) if gaps else None,
+            "img_per_s_async": batch / statistics.median(async_gaps) if async_gaps else None,
+            "steps_async": len(async_gaps),
             "median_step_s": median,
             "steps_timed": len(timed),
             "first_step_s": self.first_step_s,
