@@ -51,4 +51,6 @@ def load_lora_only(checkpoint: dict[str, Any], trainable: set[str], model: torch
     if "torch" in states:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # One state per GPU of the machine that saved it: a resume on fewer GPUs restores those it has.
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -62,6 +62,19 @@ def test_checkpoint_holds_only_trainable_tensors_and_refuses_missing_ones(module
         assert key in str(info.value)
 
 
+def test_a_resume_on_fewer_gpus_restores_the_rng_states_it_has(module, monkeypatch):
+    """A checkpoint of a 4-GPU run resumed on one GPU: the first state goes to GPU 0, the others have no GPU."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["rng_states"]["cuda"] = [torch.full((8,), gpu, dtype=torch.uint8) for gpu in range(4)]
+    module.on_load_checkpoint(checkpoint)
+    assert restored == [(0, 0)]
+
+
 def test_sd15_rank4_unet_lora_checkpoint_is_a_few_megabytes():
     # SD1.5's UNet, built on the meta device (no memory): count what a checkpoint of its rank-4 LoRA holds.
     from diffusers import UNet2DConditionModel
