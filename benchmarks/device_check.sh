@@ -6,7 +6,7 @@
 #
 # Phases (each under its own timeout; worst cases add up to 580 s for the default, inside a call's 600 s):
 #   tests     pytest -m gpu: bf16 training, cached latents, batched generation, CUDA graphs around validation and
-#             with gradient accumulation
+#             with gradient accumulation, no wait for the GPU between the bar's draws
 #   compiled  train_speed.py with model.compile=true, compile_mode=reduce-overhead (CUDA graphs): HW b2, UNet-only
 #             r4 b2 and b8, likeness against the plain recipe in the same process; then 25 prompts x 30 steps
 #   speed     the three settings eager (model.compile=false), likeness against the plain recipe

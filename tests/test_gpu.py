@@ -265,6 +265,48 @@ def test_cuda_graphs_accumulate_gradients_like_eager(tiny_sd, demo_photos, tmp_p
     assert torch.nn.functional.cosine_similarity(graphed_change, eager_change, dim=0) > 0.9
 
 
+class NoWaits(L.Callback):
+    """Makes any wait for the GPU an error (``torch.cuda.set_sync_debug_mode``) from the end of step 1 to the start
+    of the last step: the batch transfers and every step in between, up to where the bar draws again."""
+
+    def __init__(self, last: int) -> None:
+        self.last, self.checked = last, 0
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if trainer.global_step < self.last:
+            torch.cuda.set_sync_debug_mode("error")
+            self.checked += 1
+
+    def on_train_batch_start(self, trainer, *_) -> None:
+        if trainer.global_step + 1 == self.last:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, *_) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_steps_between_bar_draws_never_wait_for_the_gpu(tiny_sd, demo_photos, tmp_path, device):
+    """README: most steps never wait for the GPU, so the CPU queues the next step while the GPU runs this one. With
+    the bar drawing only the first and the last step, and the NaN check not due, a step that reads a tensor back,
+    copies from unpinned memory or synchronises raises, with where it did."""
+    from callbacks.non_finite_guard import NonFiniteGuard
+    from callbacks.step_progress import StepProgressBar
+
+    steps = 8
+    L.seed_everything(0, verbose=False)
+    model = LoRADiffusion(str(tiny_sd), frozen_dtype="bfloat16", train_text_encoder=True)
+    data = FaceDataModule(data_dir=str(demo_photos), resolution=64, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    guard = NoWaits(steps)
+    trainer = L.Trainer(
+        accelerator=device, devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[StepProgressBar(refresh_seconds=3600), guard, NonFiniteGuard(check_every_n_steps=100)],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == steps and guard.checked == steps - 1
+
+
 class MetaParking(ParkedEncoder):
     """Parks the encoder on the meta device, where its weights cannot be read: any use between park and home fails
     (the CPU's stand-in for a GPU run, where the parked encoder is on another device than the model)."""
