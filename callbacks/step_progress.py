@@ -100,7 +100,9 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            metrics.setdefault("train/loss", loss.item())
+            # Lightning hands over the loss it backpropagates: divided by the micro-batches of a step.
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            metrics.setdefault("train/loss", loss.item() * scale)
         return metrics
 
     def _with_speed(self, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -43,10 +43,11 @@ class Loading(Dataset):
 class Linear(L.LightningModule):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__()
-        self.layer, self.clock = torch.nn.Linear(2, 1), clock
+        self.layer, self.clock, self.losses = torch.nn.Linear(2, 1), clock, []
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.layer(batch).square().mean()
+        self.losses.append(float(loss))
         self.log("train/loss", loss, batch_size=1)  # as LoRADiffusion: the bar reads the loss from the output
         return loss
 
@@ -71,7 +72,9 @@ class Validation(L.Callback):
             self.clock.now += PAUSE_SECONDS
 
 
-def fit(tmp_path, monkeypatch, bar: StepProgressBar, steps: int) -> tuple[StepProgressBar, list[int]]:
+def fit(
+    tmp_path, monkeypatch, bar: StepProgressBar, steps: int, accumulate: int = 1
+) -> tuple[StepProgressBar, list[int]]:
     clock = FakeClock()
     monkeypatch.setattr(step_progress.time, "perf_counter", clock)
     drawn: list[int] = []  # the steps at which the bar read the metrics (a wait for the GPU each)
@@ -85,8 +88,10 @@ def fit(tmp_path, monkeypatch, bar: StepProgressBar, steps: int) -> tuple[StepPr
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
         callbacks=[bar, Validation(clock, every=5)], default_root_dir=tmp_path, limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
-    trainer.fit(Linear(clock))
+    bar.module = Linear(clock)
+    trainer.fit(bar.module)
     return bar, drawn
 
 
@@ -107,6 +112,15 @@ def test_refresh_seconds_zero_draws_every_step(tmp_path, monkeypatch):
     bar, drawn = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=6)
     assert drawn == [1, 2, 3, 4, 5, 6]
     assert bar.images_per_second() == pytest.approx(1 / STEP_SECONDS)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_bar_shows_the_loss_of_the_last_batch_as_logged(tmp_path, monkeypatch, accumulate):
+    bar, _ = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=3, accumulate=accumulate)
+    shown = dict(item.split("=") for item in bar.train_progress_bar.postfix.split(", "))
+    # Lightning hands the bar the backpropagated loss, divided by the micro-batches of a step.
+    assert float(shown["train/loss"]) == pytest.approx(bar.module.losses[-1], rel=1e-2)
+    assert len(bar.module.losses) == 3 * accumulate
 
 
 def test_cli_puts_the_bar_before_validation_and_checkpoints(demo_cli, tmp_path):
