@@ -27,7 +27,7 @@ for m in (torch, diffusers, transformers, peft, huggingface_hub, safetensors, L)
 model=/tmp/sd15-random  # written by the first benchmark phase, reused by the later ones
 # DEVICE_CHECK_ARGS adds benchmark options, e.g. "--device cpu --resolution 64 --steps 1" to try this script on a CPU.
 read -ra extra <<<"${DEVICE_CHECK_ARGS:-}"
-speed=(python3 benchmarks/train_speed.py --model-dir "$model" --settings hw,unet-r4-b2,unet-r4-b8 --async-steps 20
+speed=(python3 benchmarks/train_speed.py --model-dir "$model" --settings hw,unet-r4-b2,unet-r4-b8 --async-steps 10
   "${extra[@]}")
 compiled=(--likeness-option model.compile=true --likeness-option model.compile_mode=reduce-overhead)
 read -ra phases <<<"${*:-tests compiled}"

@@ -45,6 +45,7 @@ class StepProgressBar(TQDMProgressBar):
         self._batch_started = 0.0
         self._last_drawn: float | None = None
         self._images_per_step = 1
+        self._counted_step = 0  # the optimizer step the last batch end belonged to
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -54,6 +55,7 @@ class StepProgressBar(TQDMProgressBar):
         bar.set_description("train")
         batch_size = getattr(getattr(trainer.datamodule, "hparams", None), "batch_size", None) or 1
         self._images_per_step = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        self._counted_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # one bar for the run: no reset per epoch
@@ -62,6 +64,10 @@ class StepProgressBar(TQDMProgressBar):
         self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, idx) -> None:
+        if trainer.global_step == self._counted_step:  # a micro-batch before the step's last: its time counts
+            self._seconds += time.perf_counter() - self._batch_started
+            return
+        self._counted_step = trainer.global_step
         bar = self.train_progress_bar
         draw = bar is not None and not bar.disable and self._due(trainer, time.perf_counter())
         metrics = self._drawn_metrics(trainer, pl_module, outputs) if draw else {}  # waits for the GPU: then the time

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
@@ -336,8 +337,9 @@ class LoRADiffusion(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A fused Adam unscales gradients inside its step, so Lightning's mixed precision refuses to clip them
-        # (RuntimeError at the first step): with trainer.gradient_clip_val the optimizer stays unfused.
-        fuse = not (self.trainer.gradient_clip_val or 0) > 0
+        # (RuntimeError at the first step): with trainer.gradient_clip_val there the optimizer stays unfused.
+        clipped = (self.trainer.gradient_clip_val or 0) > 0
+        fuse = not (clipped and isinstance(self.trainer.precision_plugin, MixedPrecision))
         return self.optimization.configure(self.param_groups(), int(self.trainer.estimated_stepping_batches), fuse)
 
     # --- small checkpoints ----------------------------------------------------------------------------------

@@ -115,7 +115,10 @@ def measured_in_a_fresh_process() -> dict[str, float]:
 
 @pytest.mark.skipif(not hasattr(glibc(), "mallinfo2"), reason="glibc >= 2.33 (mallinfo2)")
 def test_freed_memory_is_reused_while_held_then_given_back():
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # glibc's tunables, another malloc preloaded (jemalloc, as PyTorch's tuning guide suggests) or MALLOC_*
+    # settings would change what is measured: the child runs with glibc's own defaults.
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and "MALLOC" not in k}
+    env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -208,4 +211,7 @@ def test_a_lora_fit_on_the_cpu_holds_the_switches_and_lets_go(tiny_sd, demo_phot
 
 
 if __name__ == "__main__":
+    # Transparent huge pages (``always`` on RHEL-like systems) fault a 2 MiB page at a time: counted per 4 KiB
+    # page, a fresh mmap would look like kept memory. Off for this process (PR_SET_THP_DISABLE).
+    ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)
     print(json.dumps(measured_in_a_fresh_process()))

@@ -115,8 +115,11 @@ def test_refresh_seconds_zero_draws_every_step(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_bar_shows_the_loss_of_the_last_batch_as_logged(tmp_path, monkeypatch, accumulate):
-    bar, _ = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=3, accumulate=accumulate)
+def test_bar_counts_optimizer_steps_and_shows_the_loss_as_logged(tmp_path, monkeypatch, accumulate):
+    bar, drawn = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=3, accumulate=accumulate)
+    assert drawn == [1, 2, 3]  # once a step, after its last micro-batch: never in the middle of one
+    # One image a micro-batch, 0.1 s of work an optimizer step: `accumulate` images per 0.1 s.
+    assert bar.images_per_second() == pytest.approx(accumulate / STEP_SECONDS)
     shown = dict(item.split("=") for item in bar.train_progress_bar.postfix.split(", "))
     # Lightning hands the bar the backpropagated loss, divided by the micro-batches of a step.
     assert float(shown["train/loss"]) == pytest.approx(bar.module.losses[-1], rel=1e-2)
