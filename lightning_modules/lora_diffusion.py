@@ -19,13 +19,11 @@ from lightning_modules.diffusion_loss import DiffusionLoss, PriorPreservation, d
 from lightning_modules.generation import BatchedGeneration
 from lightning_modules.lora_checkpoint import load_lora_only, save_lora_only
 from lightning_modules.lora_generation import generate_images, generation_seeds
-from lightning_modules.lora_optimization import LoraOptimization, LRScheduler
+from lightning_modules.lora_optimization import LoraOptimization, LRScheduler, captures_cuda_graphs, zero_grad
 from lightning_modules.lora_setup import add_lora_adapters, apply_speed_options, check_settings, load_base
 from lightning_modules.mixed_precision import lora_inputs_uncast
 from lightning_modules.parked_encoder import ParkedEncoder
 from lightning_modules.prior_prompts import PriorPrompts
-
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -316,24 +314,13 @@ class LoRADiffusion(L.LightningModule):
 
     @property
     def keeps_grad_buffers(self) -> bool:
-        """Gradients accumulate over micro-batches through CUDA graphs (``model.compile_mode`` reduce-overhead or
-        max-autotune, ``trainer.accumulate_grad_batches`` above 1): they need buffers of their own."""
+        """Gradients accumulate through CUDA graphs: they need buffers of their own (:func:`zero_grad`)."""
         hp, trainer = self.hparams, self._trainer
-        graphs = hp.compile and hp.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
-        return bool(graphs and trainer is not None and trainer.accumulate_grad_batches > 1)
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return hp.compile and captures_cuda_graphs(hp.compile_mode, self.device) and accumulate > 1
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        # A compiled block's backward writes the LoRA gradients into CUDA graph memory that the next replay reuses,
-        # and autograd keeps that tensor as .grad: accumulated into after the next micro-batch's forward, it would
-        # have been overwritten (torch's cudagraph trees stop with an error). Buffers allocated here, outside the
-        # graphs, are added into instead and zeroed in place; one step without accumulation needs none.
-        if not self.keeps_grad_buffers:
-            optimizer.zero_grad()
-            return
-        optimizer.zero_grad(set_to_none=False)
-        for param in self.trainable_parameters():
-            if param.grad is None:  # the first step, or one the NaN guard skipped
-                param.grad = torch.zeros_like(param)
+        zero_grad(optimizer, self.trainable_parameters(), self.keeps_grad_buffers)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # A fused Adam unscales gradients inside its step, so Lightning's mixed precision refuses to clip them

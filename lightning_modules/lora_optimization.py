@@ -85,3 +85,25 @@ class LoraOptimization:
                 f" learning-rate schedule now spans {total} steps: at step {step} the learning rate is "
                 f"{lr * self.schedule(total)(step):.3g} (the old plan had {lr * self.schedule(planned)(step):.3g})."
             )
+
+
+def captures_cuda_graphs(compile_mode: str | None, device: torch.device) -> bool:
+    """``torch.compile`` in ``compile_mode`` records CUDA graphs on ``device`` (inductor records none on a CPU)."""
+    return compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+
+
+def zero_grad(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], keep_buffers: bool) -> None:
+    """Zero the gradients before a step's first backward pass; with ``keep_buffers`` into tensors of their own.
+
+    A compiled block's backward writes the LoRA gradients into CUDA graph memory that the next replay reuses, and
+    autograd keeps that tensor as ``.grad``: accumulated into after the next micro-batch's forward, it would have
+    been overwritten (torch's cudagraph trees stop with an error). Buffers allocated here, outside the graphs, are
+    added into instead and zeroed in place. One backward a step needs none: the optimizer reads ``.grad`` first.
+    """
+    if not keep_buffers:
+        optimizer.zero_grad()
+        return
+    optimizer.zero_grad(set_to_none=False)
+    for param in params:
+        if param.grad is None:  # the first step, after a validation's zero_grad, or a step the NaN guard skipped
+            param.grad = torch.zeros_like(param)
