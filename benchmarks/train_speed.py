@@ -14,7 +14,8 @@ one process, one after the other. Usage, from the repo root::
     python benchmarks/train_speed.py --device cpu --resolution 64 --plain-heap-reuse  # baseline with likeness's malloc
 
 ``benchmarks/device_check.sh`` runs it on a GPU machine with the GPU tests. The plain recipe is in
-``plain_recipe.py``, the settings and the step clock in ``speed_settings.py``.
+``plain_recipe.py``, likeness's in ``likeness_recipe.py``, the settings and the step clock in ``speed_settings.py``,
+the inputs in ``speed_inputs.py``, the table and JSON in ``speed_report.py``.
 
 img/s is batch / median step time over the steps after warm-up; a step is timed from the batch being on the
 device to the end of the optimizer step (Lightning's on_train_batch_start/end), "img/s+data" also counts loading
@@ -33,209 +34,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import inspect
-import json
-import platform
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 import yaml
-from PIL import Image
+from likeness_recipe import PromptValidation, run_likeness, time_generation
 from plain_recipe import run_plain
-from speed_settings import LR, PROMPTS, SETTINGS, SNR_GAMMA, StepClock, sync
+from speed_inputs import build_model_dir, write_photos
+from speed_report import build_report, fmt, print_table, save_report
+from speed_settings import PROMPTS, SETTINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # likeness's modules are imported inside the functions below
-
-
-def build_model_dir(folder: Path, seed: int) -> Path:
-    """Write SD1.5 with random weights in diffusers layout to ``folder`` once (reused when it is there)."""
-    if (folder / "model_index.json").exists():
-        return folder
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from stable_diffusion.single_file_checkpoint import SD15_CONFIG_DIR as CFG
-    from stable_diffusion.tiny_sd import save_tiny_tokenizer
-
-    print(f"writing SD1.5 with random weights to {folder} ...", flush=True)
-    partial = folder.with_name(folder.name + ".partial")
-    torch.manual_seed(seed)
-    pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(CFG / "vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(CFG / "text_encoder")),
-        tokenizer=save_tiny_tokenizer(partial / "tokenizer", model_max_length=77),
-        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CFG / "unet")),
-        scheduler=PNDMScheduler.from_config(PNDMScheduler.load_config(CFG / "scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    if folder.is_dir():
-        folder.rmdir()  # an empty folder given by --model-dir; a non-empty one fails here rather than be mixed
-    partial.rename(folder)
-    return folder
-
-
-def write_photos(folder: Path, count: int, size: int, seed: int) -> Path:
-    """Smooth random RGB images (bicubic-upsampled 8x8 noise) as NNN.png beside NNN.txt captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(f"a photo of sks person, variation {i}\n", encoding="utf-8")
-    return folder
-
-
-def accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs that ``cls.__init__`` takes; prints a note naming the others."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    dropped = sorted(set(kwargs) - set(params))
-    if dropped:
-        print(f"note: {cls.__name__} does not accept {dropped}; dropped", flush=True)
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-class PromptValidation(L.Callback):
-    """Stand-in for IdentityValidation: generate the first prompts every ``every`` steps, in eval mode."""
-
-    def __init__(self, every: int, prompts: list[str]) -> None:
-        self.every, self.prompts, self.seconds, self.runs = every, prompts, 0.0, 0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
-        if trainer.global_step % self.every:
-            return
-        modes = {module: module.training for module in pl_module.modules()}
-        sync(pl_module.device)  # the steps queued before it are training time, not the validation's
-        start = time.perf_counter()
-        pl_module.eval()
-        try:
-            pl_module.generate(self.prompts, list(range(len(self.prompts))))
-        finally:
-            for module, training in modes.items():
-                module.train(training)
-        self.seconds += time.perf_counter() - start
-        self.runs += 1
-
-
-def likeness_model_kwargs(args: argparse.Namespace, name: str, model_dir: Path) -> dict[str, Any]:
-    """LoRADiffusion's settings for a benchmark setting, with the ``--likeness-option model.X=`` ones applied."""
-    s = SETTINGS[name]
-    model_kw: dict[str, Any] = {
-        "pretrained_model_name_or_path": str(model_dir),
-        "frozen_dtype": "bfloat16" if args.precision == "bf16-mixed" else "float32",
-        "lora_rank": s.rank,
-        "lora_alpha": s.alpha,
-        "train_text_encoder": s.text_encoder,
-        "snr_gamma": SNR_GAMMA,
-        **({"text_encoder_lr": LR} if s.text_encoder else {}),
-    }
-    for key, value in args.likeness_option:
-        if key.startswith("model."):
-            model_kw[key.split(".", 1)[1]] = value
-    return model_kw
-
-
-def run_likeness(
-    args: argparse.Namespace,
-    name: str,
-    model_dir: Path,
-    photos: Path,
-    run_dir: Path,
-    max_steps: int,
-    callbacks: list[L.Callback] | None = None,
-    model_extra: dict[str, Any] | None = None,
-    synced_steps: int | None = None,
-) -> dict[str, Any]:
-    """likeness as ``train.py fit`` runs it: LoRADiffusion + FaceDataModule + a Lightning Trainer. The first
-    ``synced_steps`` steps (default: warm-up and timed) wait for the GPU at start and end (:class:`StepClock`)."""
-    from datamodules.face_data_module import FaceDataModule
-    from lightning_modules.lora_diffusion import LoRADiffusion
-
-    s = SETTINGS[name]
-    model_kw = likeness_model_kwargs(args, name, model_dir) | (model_extra or {})
-    data_kw: dict[str, Any] = {"data_dir": str(photos), "resolution": args.resolution, "batch_size": s.batch}
-    if "cache_dir" in inspect.signature(FaceDataModule.__init__).parameters:
-        data_kw["cache_dir"] = str(run_dir / "cache")  # a fresh cache per run: its cost shows in "first step s"
-    for key, value in args.likeness_option:
-        if key.startswith("data."):
-            data_kw[key.split(".", 1)[1]] = value
-    L.seed_everything(args.seed, verbose=False)
-    start = time.perf_counter()
-    module = LoRADiffusion(**accepted(LoRADiffusion, model_kw))
-    data = FaceDataModule(**accepted(FaceDataModule, data_kw))
-    load_s = time.perf_counter() - start
-    synced = args.warmup + args.steps if synced_steps is None else synced_steps
-    clock = StepClock(torch.device(args.device), synced_steps=synced)
-    trainer = L.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision=args.precision,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # as train.py: FaceDataModule's sampler shards by rank itself
-        default_root_dir=str(run_dir),
-        callbacks=[clock, *(callbacks or [])],
-    )
-    clock.origin = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    total_s = time.perf_counter() - clock.origin
-    hparams = {"model": dict(module.hparams), "data": dict(data.hparams)}
-    hparams["model"].pop("optimizer", None)
-    return clock.summary(args, name, "likeness", s.batch, load_s=load_s, total_s=total_s, hparams=hparams)
-
-
-def time_generation(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """The HW setting's model generating all 25 prompts at ``--generation-steps`` sampler steps and ``--resolution``,
-    as a validation does (one call; fewer at a time only if memory runs out), twice: the first call warms up
-    (cuDNN's algorithm search, compiling), the second is the figure."""
-    from callbacks.cpu_heap_reuse import cpu_heap_reuse
-    from lightning_modules.lora_diffusion import LoRADiffusion
-
-    settings = {"num_inference_steps": args.generation_steps, "image_size": args.resolution}
-    model_kw = likeness_model_kwargs(args, "hw", model_dir) | settings
-    module = LoRADiffusion(**accepted(LoRADiffusion, model_kw)).to(args.device).eval()
-    device, seeds, seconds = torch.device(args.device), list(range(len(PROMPTS))), []
-    # As a validation inside a fit runs: under the trainer's autocast, and on a CPU with LoRADiffusion's callback.
-    with cpu_heap_reuse(device.type == "cpu"), precision_context(args):
-        for _ in range(2):
-            sync(device)
-            start = time.perf_counter()
-            images = module.generate(PROMPTS, seeds)
-            sync(device)
-            seconds.append(time.perf_counter() - start)
-    return {
-        "prompts": len(images),
-        "steps": args.generation_steps,
-        "resolution": args.resolution,
-        "first_call_s": seconds[0],
-        "seconds": seconds[1],
-        "images_per_call": module.batched_generation.max_batch or len(PROMPTS),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
-    }
-
-
-def precision_context(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """The autocast that a Trainer of ``--precision`` runs its steps and validations under (Lightning's own)."""
-    if not args.precision.endswith("-mixed"):
-        return contextlib.nullcontext()
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
-    return MixedPrecision(args.precision, args.device).forward_context()
 
 
 @contextlib.contextmanager
@@ -257,37 +71,6 @@ def free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(results: list[dict[str, Any]], ratios: dict[str, float | None], async_ratios: dict) -> None:
-    head = ["setting", "path", "img/s", "img/s+data", "img/s async", "steps", "first step s", "load s", "total s"]
-    head += ["peak GiB", "a/b", "a/b async"]
-    rows = [head]
-    for r in results:
-        mine = r["path"] == "likeness"
-        ratio = [fmt(x.get(r["setting"]), ".2f") if mine else "" for x in (ratios, async_ratios)]
-        speeds = [fmt(r.get(k), ".3f") for k in ("img_per_s", "img_per_s_with_data", "img_per_s_async")]
-        times = [fmt(r[k], ".1f") for k in ("first_step_s", "load_s", "total_s")]
-        rows.append([r["setting"], r["path"], *speeds, str(r["steps_timed"]), *times, fmt(r["peak_gpu_gib"], ".2f")])
-        rows[-1] += ratio
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    rows.insert(1, ["-" * w for w in widths])
-    for row in rows:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -338,46 +121,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.async_steps is None:
         args.async_steps = args.steps if args.device == "cuda" else 0
     return args
-
-
-def speed_ratios(args: argparse.Namespace, results: list[dict[str, Any]], key: str) -> dict[str, float | None]:
-    by_key = {(r["setting"], r["path"]): r.get(key) for r in results}
-    ratios: dict[str, float | None] = {}
-    for name in args.settings:
-        a, b = by_key.get((name, "likeness")), by_key.get((name, "plain"))
-        ratios[name] = a / b if a and b else None
-    return ratios
-
-
-def build_report(args: argparse.Namespace, results: list[dict[str, Any]], **parts: Any) -> dict[str, Any]:
-    ratios, async_ratios = speed_ratios(args, results, "img_per_s"), speed_ratios(args, results, "img_per_s_async")
-    return {
-        "device": device_name(args.device),
-        "torch": torch.__version__,
-        "precision": args.precision,
-        "resolution": args.resolution,
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "num_photos": args.num_photos,
-        "likeness_options": dict(args.likeness_option),
-        "plain_heap_reuse": args.plain_heap_reuse,
-        "results": results,
-        "ratio_likeness_over_plain": ratios,
-        "async_steps": args.async_steps,
-        "ratio_likeness_over_plain_async": async_ratios,
-        "end_to_end": parts.get("end_to_end"),
-        "generation": parts.get("generation"),
-    }
-
-
-def save_report(args: argparse.Namespace, report: dict[str, Any]) -> str:
-    """The report as JSON, written to ``--json`` atomically: after every run, so a run cut short keeps the others."""
-    text = json.dumps(report, default=str)
-    if args.json:
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(text + "\n", encoding="utf-8")
-        partial.replace(args.json)
-    return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
