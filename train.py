@@ -258,6 +258,8 @@ def _cli(cli_class: type[LikenessCLI], args: list[str] | None) -> LikenessCLI:
     torch.set_float32_matmul_precision("high")
     # FaceDataModule's EpochSampler does resume mid-epoch (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # The frozen VAE and text encoder stay in eval mode on purpose (no dropout in what does not train).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # The `likeness` command hands LightningCLI the arguments it read from sys.argv itself.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     with reported_errors():

@@ -179,13 +179,11 @@ class FaceBoxes:
 
     def _extract_faces(self, bgr: np.ndarray) -> list[dict[str, Any]]:
         if self._deepface is None:
-            from metrics.face_model import FaceModel
+            from metrics.face_model import FaceModel, import_deepface
 
             # check() installs the offline dlib weights and fails with a clear message when weights are missing.
             FaceModel("Dlib", self.detector_backend).check()
-            from deepface import DeepFace
-
-            self._deepface = DeepFace
+            self._deepface = import_deepface()
         return self._deepface.extract_faces(
             bgr, detector_backend=self.detector_backend, enforce_detection=False, align=False
         )

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 def default_cache_dir() -> Path:
@@ -16,18 +22,44 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``.
 
     Same folder, so the rename is atomic (no copy across filesystems); on any error the temporary file is removed
-    and an existing ``path`` is left as it was.
+    and an existing ``path`` is left as it was. The writer holds a lock on its temporary file until the rename, so
+    another process writing the same cache entry at the same time never removes it as a leftover.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.partial"):  # left by a writer that was killed (SIGKILL)
-        stale.unlink(missing_ok=True)
+        if _abandoned(stale):
+            stale.unlink(missing_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
         with open(partial, "xb") as file:  # the usual permissions (umask), unlike mkstemp's 0600
+            if fcntl is not None:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(partial, path)
+            if fcntl is not None:
+                os.replace(partial, path)  # still locked: POSIX renames an open file
+        if fcntl is None:
+            os.replace(partial, path)  # Windows renames no open file
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _abandoned(partial: Path) -> bool:
+    """A temporary file of :func:`write_atomically` whose writer is gone: nobody holds its lock (a writer takes it
+    right after creating the file, hence the minute's grace). Without ``fcntl`` (Windows): an hour old."""
+    try:
+        age = time.time() - partial.stat().st_mtime
+        if fcntl is None or age < 60:
+            return age > 3600
+        fd = os.open(partial, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # locked: its writer is alive
+        return False
+    finally:
+        os.close(fd)

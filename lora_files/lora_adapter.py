@@ -27,7 +27,9 @@ def lora_tensors(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.T
         # These inits subtract the initial LoRA from the base weights, so A/B alone are not a delta
         # against the published base model that every loader applies them to.
         raise ValueError(f"a LoRA initialised with {init!r} changed the base weights; it cannot be exported")
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # No embedding layers: likeness never trains them (peft's "auto" looks for the base model's config file to
+    # guess whether the vocabulary grew, and warns where a local model folder has none).
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

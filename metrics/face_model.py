@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -51,6 +52,13 @@ def _fit_for_detector(image: Image.Image) -> Image.Image:
     scale = MAX_DETECTOR_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def import_deepface() -> ModuleType:
+    """``deepface.DeepFace``, without the ``warnings.filterwarnings("ignore")`` it runs when imported: that filter
+    would hide every warning the rest of the run gives (skipped photos, no face found, a changed schedule...)."""
+    with warnings.catch_warnings():  # puts the filters back as they were once deepface is imported
+        return importlib.import_module("deepface.DeepFace")
 
 
 class FaceModelError(RuntimeError):
@@ -121,7 +129,7 @@ class FaceModel:
         os.environ.setdefault(_ENGINE_ENV, "pytorch")
         os.environ.setdefault(_ONNX_PROVIDERS_ENV, "cpu")
         with self._home():
-            return importlib.import_module("deepface.DeepFace")
+            return import_deepface()
 
     @property
     def _settings(self) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,9 @@ class FailingFile:
     def write(self, data) -> None:
         self.file.write(bytes(data)[: len(data) // 2])
         raise self.error
+
+    def fileno(self) -> int:
+        return self.file.fileno()
 
     def __enter__(self):
         return self
@@ -48,11 +55,52 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_atomically(target, b"x" * 1000)
     assert target.read_bytes() == b"good old checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
-    # What a SIGKILL leaves (no cleanup ran) goes at the next write of that file.
-    (tmp_path / ".last.ckpt.123-abc.partial").write_bytes(b"torn")
+    # What a SIGKILL leaves (no cleanup ran, nobody holds its lock) goes at the next write of that file.
+    torn = tmp_path / ".last.ckpt.123-abc.partial"
+    torn.write_bytes(b"torn")
+    os.utime(torn, (time.time() - 120, time.time() - 120))
     monkeypatch.undo()
     write_atomically(target, b"new checkpoint")
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and target.read_bytes() == b"new checkpoint"
+
+
+@pytest.mark.skipif(files.fcntl is None, reason="POSIX locks")
+def test_a_live_writers_partial_file_is_not_taken_for_a_leftover(tmp_path):
+    target = tmp_path / "entry.safetensors"
+    live, fresh = tmp_path / ".entry.safetensors.1-aaa.partial", tmp_path / ".entry.safetensors.2-bbb.partial"
+    live.write_bytes(b"being written")
+    os.utime(live, (time.time() - 120, time.time() - 120))
+    fresh.write_bytes(b"just created, not locked yet")
+    with open(live, "rb") as held:
+        files.fcntl.flock(held.fileno(), files.fcntl.LOCK_EX)  # another writer, still writing
+        write_atomically(target, b"mine")
+        assert live.exists() and fresh.exists()
+    write_atomically(target, b"mine again")  # its writer is gone now (the lock went with it)
+    assert not live.exists() and fresh.exists() and target.read_bytes() == b"mine again"
+
+
+def _write_entries(folder: str, seed: int, barrier) -> int:
+    barrier.wait()  # both write at the same time, whatever their start-up took
+    errors, deadline, i = 0, time.monotonic() + 1.5, 0
+    while time.monotonic() < deadline:
+        i += 1
+        try:
+            write_atomically(Path(folder) / f"{i % 5}.bin", bytes([seed]) * 4096)
+        except OSError:
+            errors += 1
+    return errors
+
+
+def test_two_processes_writing_one_cache_do_not_break_each_other(tmp_path):
+    # Two runs sharing ~/.cache/likeness write the same entries at once (each removed the other's partial file).
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        barrier = manager.Barrier(2)
+        errors = list(pool.map(_write_entries, [str(tmp_path)] * 2, [1, 2], [barrier] * 2))
+    assert errors == [0, 0]
+    for entry in tmp_path.glob("*.bin"):
+        assert entry.read_bytes() in (b"\x01" * 4096, b"\x02" * 4096)
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_full_disk_stops_with_a_message_and_keeps_earlier_checkpoints(demo_cli, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,9 @@ Faces: scikit-image's astronaut photo (Eileen Collins, NASA, public domain) and,
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +294,36 @@ def test_files_are_read_as_training_reads_them(face_model: FaceModel, tmp_path: 
     np.testing.assert_array_equal(face_model.embed_files([tmp_path / "rotated.png"])[0], upright)
     # The stored pixels, on their side, give another embedding: the test would see a loader that ignores EXIF.
     assert not np.array_equal(face_model.embed([Image.open(tmp_path / "rotated.png")])[0], upright)
+
+
+_WARNINGS_KEPT = """
+import sys, warnings
+from PIL import Image
+from skimage import data
+from datamodules.face_boxes import FaceBoxes
+from metrics.face_model import FaceModel
+
+before = list(warnings.filters)
+FaceModel().check()  # imports deepface, whose import runs warnings.filterwarnings("ignore")
+face = FaceBoxes(sys.argv[1]).detect(Image.fromarray(data.astronaut()))
+assert face.confidence > 0, face
+assert list(warnings.filters) == before, warnings.filters[:3]
+warnings.warn("likeness warning after deepface")
+"""
+
+
+def test_deepface_does_not_silence_the_runs_warnings(tmp_path: Path) -> None:
+    # A fresh interpreter: this process may have imported deepface already, and pytest resets filters per test.
+    env = {**os.environ, "DEEPFACE_HOME": str(tmp_path / "home")}
+    env.pop("PYTHONWARNINGS", None)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", _WARNINGS_KEPT, str(tmp_path / "boxes")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UserWarning: likeness warning after deepface" in result.stderr
