@@ -8,6 +8,7 @@ Lightning first asks for the training loader, once the model is on its device.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,12 @@ def prepare_encodings(
         )
     elif cache_latents and hasattr(model, "latent_moments"):
         vae = model.vae
-        cache = LatentCache(cache_root, weights_fingerprint(vae.encoder, vae.quant_conv), dataset.resolution)
+        fingerprint = weights_fingerprint(vae.encoder, vae.quant_conv)
+        precision = getattr(model, "encoding_precision", "32-true")
+        if precision != "32-true":
+            # Encoded under autocast the moments differ (~1 % in bf16): a float32 run must not train on them.
+            fingerprint = hashlib.sha256(f"{fingerprint}|{precision}".encode()).hexdigest()
+        cache = LatentCache(cache_root, fingerprint, dataset.resolution)
         flips = (False, True) if dataset.random_flip else (False,)
         if strategy is not None and rank != 0:
             strategy.barrier()  # rank 0 writes the entries first

@@ -18,6 +18,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "likeness"
 
 
+def file_mode() -> int:
+    """The permissions a new file gets from the umask (``0o644`` with the usual ``022``): what ``open`` gives,
+    unlike ``mkstemp``'s or safetensors' ``0o600``, which a ComfyUI or web server of another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``.
 

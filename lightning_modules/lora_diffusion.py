@@ -263,6 +263,11 @@ class LoRADiffusion(L.LightningModule):
         """The text encoder when it trains a LoRA, else ``None``."""
         return None if self.text_encoder_frozen else self.text_encoder
 
+    @property
+    def encoding_precision(self) -> str:
+        """The trainer's precision, which cached encodings are computed under (:meth:`_forward_context`)."""
+        return str(self.trainer.precision) if self._trainer is not None else "32-true"
+
     def _forward_context(self):
         # The trainer's precision (autocast for *-mixed): cached encodings must be computed as live ones are.
         return self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()

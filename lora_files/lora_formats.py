@@ -26,6 +26,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
+from datamodules.files import file_mode
 from lightning_modules.finite import check_finite
 from lora_files.kohya_lora import save_kohya_lora
 from lora_files.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
@@ -175,7 +176,9 @@ def export_lora(
         )
         staged = {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
         files = {kind: folder / path.name for kind, path in staged.items()}
+        mode = file_mode()  # safetensors writes 0o600
         for kind, path in staged.items():
+            os.chmod(path, mode)
             os.replace(path, files[kind])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -123,7 +123,13 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
 
     model = LoRADiffusion(str(tiny_sd), train_text_encoder=True)
     common = {"name": "me", "base_model": "tiny", "steps": 1, "resolution": 64}
-    files = lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
+    old_umask = os.umask(0o022)
+    try:
+        files = lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
+    finally:
+        os.umask(old_umask)
+    # Readable by a ComfyUI or web server of another user, as any file the umask allows (safetensors makes 0o600).
+    assert {kind: path.stat().st_mode & 0o777 for kind, path in files.items()} == dict.fromkeys(files, 0o644)
     before = {kind: path.read_bytes() for kind, path in files.items()}
 
     def killed(*args, **kwargs):

@@ -162,6 +162,16 @@ def test_second_run_reuses_and_changed_or_corrupt_entries_are_rebuilt(model, pho
     assert data_module(model, photos, cache).latent_cache_report.reused == n
 
 
+def test_entries_made_under_autocast_are_not_served_to_a_float32_run(model, photos, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    n = len(data_module(model, photos, cache).train_dataset)
+    monkeypatch.setattr(LoRADiffusion, "encoding_precision", property(lambda self: "bf16-mixed"))
+    assert (data_module(model, photos, cache).latent_cache_report.reused) == 0
+    assert (data_module(model, photos, cache).latent_cache_report.reused) == n
+    monkeypatch.undo()
+    assert (data_module(model, photos, cache).latent_cache_report.reused) == n
+
+
 def test_entries_depend_on_the_vae_and_resolution(model, tmp_path):
     fingerprint = weights_fingerprint(model.vae.encoder, model.vae.quant_conv)
     a = LatentCache(tmp_path, fingerprint, 64)
