@@ -7,6 +7,7 @@ the run ends with exit code 0.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -101,12 +102,22 @@ class NonFiniteGuard(L.Callback):
             raise NonFiniteError(self._message(trainer, step))
 
     def _message(self, trainer: L.Trainer, step: int, skipped: bool = False) -> str:
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none yet"
-        cause = f"{self.max_skipped_steps + 1} steps in a row from step {step} had" if skipped else f"step {step} had"
+        # Lightning sets last_model_path before it saves, and this guard may have stopped that very save.
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        last = last if last and Path(last).is_file() else "none yet"
+        causes = (
+            "Usual causes: a learning rate far too high (model.optimizer, model.text_encoder_lr), a large "
+            "model.noise_offset, or fp16 overflow (use trainer.precision bf16-mixed)."
+        )
+        if skipped:
+            return (
+                f"Training stopped: {self.max_skipped_steps + 1} steps in a row from step {step} had a NaN or "
+                f"infinite loss or gradient (nan_guard.max_skipped_steps {self.max_skipped_steps}). Their updates "
+                f"were skipped, so the weights are still finite; checkpoints are too (last saved: {last}). {causes} "
+                "Resume from a checkpoint with a fix."
+            )
         return (
-            f"Training stopped: {cause} a NaN or infinite loss or gradient, so the LoRA weights are no longer "
-            f"usable. Checkpoints written before step {step} are finite (last saved: {last}). Usual causes: a "
-            "learning rate far too high (model.optimizer, model.text_encoder_lr), a large model.noise_offset, or "
-            "fp16 overflow (use trainer.precision bf16-mixed). Resume from an earlier checkpoint with a fix, or "
-            "set nan_guard.skip_steps true to skip such steps."
+            f"Training stopped: step {step} had a NaN or infinite loss or gradient, so the LoRA weights are no longer "
+            f"usable. Checkpoints written before step {step} are finite (last saved: {last}). {causes} Resume from "
+            "an earlier checkpoint with a fix, or set nan_guard.skip_steps true to skip such steps."
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -106,3 +107,16 @@ def test_export_refuses_non_finite_lora_tensors(nan_checkpoint, tmp_path, capsys
     assert not (tmp_path / "bad").exists()
     export_main([str(good), "--out", str(tmp_path / "good")])  # the good one still exports
     assert (tmp_path / "good" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_stop_message_names_only_a_checkpoint_on_disk(tmp_path):
+    # Lightning sets last_model_path before saving: the save this guard stopped must not be named as the good one.
+    last = tmp_path / "last.ckpt"
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(last_model_path=str(last)))
+    guard = NonFiniteGuard(skip_steps=True, max_skipped_steps=2)
+    assert "last saved: none yet" in guard._message(trainer, 3)
+    last.write_bytes(b"a checkpoint")
+    assert f"last saved: {last})" in guard._message(trainer, 3)
+    skipped = guard._message(trainer, 3, skipped=True)
+    assert "weights are still finite" in skipped and "skip_steps true" not in skipped
+    assert "no longer usable" in guard._message(trainer, 3)
