@@ -63,7 +63,9 @@ def adapter_metadata(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -
     out = {}
     for key, value in config.items():
         always = key in ("r", "lora_alpha", "target_modules")
-        if key in _BOOKKEEPING_FIELDS or (not always and value == defaults.get(key)):
+        # lora_dropout only trains: diffusers rebuilds the adapter from this header in training mode, so a
+        # dropout there would drop LoRA inputs at random in every generation.
+        if key in _BOOKKEEPING_FIELDS or key == "lora_dropout" or (not always and value == defaults.get(key)):
             continue
         out[key] = sorted(value) if isinstance(value, set) else value
     return out

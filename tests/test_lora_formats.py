@@ -51,6 +51,8 @@ CASES = {
         None,
     ),  # fmt: skip
 }
+# Training-only: a loader that rebuilt it would drop LoRA inputs at random when generating.
+DROPOUT = {"unet_and_te": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +80,15 @@ def _outputs(pipe: StableDiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor]
 def exported(request, base, tmp_path_factory):
     """(case name, trained pipeline, its outputs, export folder, file paths)."""
     unet_r, unet_alpha, unet_targets, te_r, te_alpha, te_targets = CASES[request.param]
-    pipe = _fresh(base)
-    pipe.unet.add_adapter(LoraConfig(r=unet_r, lora_alpha=unet_alpha, target_modules=unet_targets))
+    pipe, dropout = _fresh(base), DROPOUT.get(request.param, 0.0)
+    pipe.unet.add_adapter(
+        LoraConfig(r=unet_r, lora_alpha=unet_alpha, target_modules=unet_targets, lora_dropout=dropout)
+    )
     if te_r:
-        pipe.text_encoder.add_adapter(LoraConfig(r=te_r, lora_alpha=te_alpha, target_modules=te_targets))
+        pipe.text_encoder.add_adapter(
+            LoraConfig(r=te_r, lora_alpha=te_alpha, target_modules=te_targets, lora_dropout=dropout)
+        )
+    pipe.unet.eval(), pipe.text_encoder.eval()  # as likeness generates: the trained model's dropout is off
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
