@@ -18,12 +18,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "likeness"
 
 
-def file_mode() -> int:
+def file_mode(folder: Path) -> int:
     """The permissions a new file gets from the umask (``0o644`` with the usual ``022``): what ``open`` gives,
-    unlike ``mkstemp``'s or safetensors' ``0o600``, which a ComfyUI or web server of another user cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    unlike ``mkstemp``'s or safetensors' ``0o600``, which a ComfyUI or web server of another user cannot read.
+    Read off a probe file in ``folder``: setting the umask to read it would race with other threads' files."""
+    probe = folder / f".mode-{uuid.uuid4().hex[:8]}"
+    probe.touch(exist_ok=False)
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:

@@ -178,7 +178,7 @@ def export_lora(
         )
         staged = {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
         files = {kind: folder / path.name for kind, path in staged.items()}
-        mode = file_mode()  # safetensors writes 0o600
+        mode = file_mode(staging)  # safetensors writes 0o600
         for kind, path in staged.items():
             os.chmod(path, mode)
             os.replace(path, files[kind])
