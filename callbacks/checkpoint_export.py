@@ -30,6 +30,7 @@ from callbacks.export_facts import (
 )
 from callbacks.lora_ema import ema_settings
 from callbacks.run_folders import run_config
+from datamodules.files import cannot_write
 from lightning_modules.finite import check_finite
 from lora_files.lora_formats import export_lora
 
@@ -107,6 +108,11 @@ def export_checkpoint(
 
     ckpt_path = Path(ckpt_path).expanduser()
     checkpoint = read_checkpoint(ckpt_path)
+    folder = Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem
+    if reason := cannot_write(folder):  # asked before the base model loads, which takes a while
+        raise ValueError(
+            f"{folder}: cannot write the LoRA files there ({reason}); pass --out with a folder you can write to."
+        )
     overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
     # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
     module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
@@ -119,7 +125,7 @@ def export_checkpoint(
     # The last validation's numbers, as the IdentityValidation callback kept them in the checkpoint.
     metrics = next((v.get("last_metrics") for k, v in callbacks.items() if k.startswith("IdentityValidation")), None)
     return export_lora(
-        Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem,
+        folder,
         module.unet,
         module.text_encoder,
         name=lora_file_stem(name, steps),
@@ -163,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from err
+    except OSError as err:  # while writing: a full disk, a folder that went read-only
+        print(f"error: exporting failed: {err}. Files exported before are as they were.", file=sys.stderr)
+        raise SystemExit(1) from err
     for kind, path in files.items():
         print(f"{kind}: {path}")
 

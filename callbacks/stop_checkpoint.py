@@ -7,10 +7,16 @@ Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the running ba
 loop counters agree, and then exits with status 0 having saved nothing (issue #8). This callback treats the first
 Ctrl+C the same way (a second one stops at once), writes ``last.ckpt`` at that point, says where it is, and makes
 the exit status ``128 + signal`` as shells report it.
+
+Checkpoints saved once the epoch loop has ended (this one's at the end of training, ``best_identity.ckpt`` of the
+final validation) carry the loop counters of the last step's end, as a periodic save has them: by then Lightning
+has counted the epoch as finished, and a run extended from such a file started the next epoch, skipping the rest
+of this one (a whole epoch when training stopped at its end).
 """
 
 from __future__ import annotations
 
+import copy
 import signal
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,8 @@ class StopCheckpoint(L.Callback):
     def __init__(self) -> None:
         self._signal: int | None = None
         self._previous_sigint: Any = None
+        self._loops_at_step_end: dict[str, Any] | None = None
+        self._epoch_ended = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._signal = None
@@ -37,6 +45,22 @@ class StopCheckpoint(L.Callback):
             self._previous_sigint = signal.signal(signal.SIGINT, self._sigint(trainer))
         except ValueError:  # not the main thread: leave Ctrl+C to Lightning
             self._previous_sigint = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ended = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # A few dozen counters: cheap to copy at every step, and the step that turns out to be the last is known
+        # only later (max_steps, should_stop, the epoch's last batch).
+        self._loops_at_step_end = copy.deepcopy(trainer.fit_loop.state_dict())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ended = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Weights, optimizer, RNG and data position are those of the last step's end; so must the loop counters be.
+        if self._epoch_ended and self._loops_at_step_end is not None and "loops" in checkpoint:
+            checkpoint["loops"]["fit_loop"] = copy.deepcopy(self._loops_at_step_end)
 
     def _sigint(self, trainer: L.Trainer):
         def handler(signum: int, frame: Any) -> None:

@@ -30,6 +30,17 @@ def file_mode(folder: Path) -> int:
         probe.unlink()
 
 
+def cannot_write(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (made if missing): ``"Read-only file system"``, ``"Not a
+    directory"``…; None if one can. Asked before slow work that ends by writing there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        file_mode(folder)  # creates and removes a probe file
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place: never a torn ``path``.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# An export stages its files in a hidden folder inside the output folder; one older than this was killed.
+STAGING_PREFIX = ".export.partial-"
+STAGING_MAX_AGE_S = 600
 # Config fields that describe the run, not the adapter; leaving them out keeps the header loadable by
 # other peft versions (diffusers calls ``LoraConfig(**metadata)``, which rejects unknown fields).
 _BOOKKEEPING_FIELDS = {
@@ -140,12 +144,15 @@ def export_lora(
         if ".lora_" in name
     }
     check_finite(lora_tensors, f"The LoRA to export to {folder}", "Nothing was written; export an earlier checkpoint.")
-    # Written into a staging folder beside ``folder``, then each file renamed into place (issue #8): a kill or a full
-    # disk never leaves a torn LoRA file under its final name, and files exported earlier stay as they were.
+    # Written into a staging folder inside ``folder``, then each file renamed into place (issue #8): a kill or a full
+    # disk never leaves a torn LoRA file under its final name, and files exported earlier stay as they were. Inside,
+    # not beside: ``folder`` may be a mount point, or sit in a folder the user cannot write to, and a rename stays
+    # atomic only within one filesystem.
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # left by an export that was killed (SIGKILL)
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    for stale in folder.glob(f"{STAGING_PREFIX}*"):
+        if _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:
         diffusers_file = save_diffusers_lora(staging, unet, te, adapter_name=adapter_name)
         kohya_file = save_kohya_lora(
@@ -185,3 +192,12 @@ def export_lora(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return files
+
+
+def _abandoned(staging: Path) -> bool:
+    """A staging folder left by an export that was killed (SIGKILL): untouched for longer than any export takes.
+    A younger one may be another process's export into the same folder, under way."""
+    try:
+        return time.time() - staging.stat().st_mtime > STAGING_MAX_AGE_S
+    except FileNotFoundError:
+        return False

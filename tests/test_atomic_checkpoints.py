@@ -131,6 +131,7 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
     # Readable by a ComfyUI or web server of another user, as any file the umask allows (safetensors makes 0o600).
     assert {kind: path.stat().st_mode & 0o777 for kind, path in files.items()} == dict.fromkeys(files, 0o644)
     before = {kind: path.read_bytes() for kind, path in files.items()}
+    before_names = [path.name for path in files.values()]
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -141,13 +142,40 @@ def test_interrupted_lora_export_keeps_the_files_exported_before(tiny_sd, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
     assert {kind: path.read_bytes() for kind, path in files.items()} == before  # untouched, not half new
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging left behind
-    # A staging folder a SIGKILL left behind goes at the next export.
-    (tmp_path / ".final.partial-killed").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert sorted(p.name for p in files["kohya"].parent.iterdir()) == sorted(before_names)  # no staging left behind
+    # A staging folder a SIGKILL left behind goes at the next export; a young one may be another export's.
+    killed_one = tmp_path / "final" / f"{lora_formats.STAGING_PREFIX}killed"
+    (killed_one / "part").mkdir(parents=True)
+    os.utime(killed_one, (time.time() - lora_formats.STAGING_MAX_AGE_S - 5,) * 2)
+    live = tmp_path / "final" / f"{lora_formats.STAGING_PREFIX}live"
+    live.mkdir()
     monkeypatch.undo()
     lora_formats.export_lora(tmp_path / "final", model.unet, model.text_encoder, **common)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert sorted(p.name for p in files["kohya"].parent.iterdir()) == sorted([*before_names, live.name])
     assert files["kohya"].read_bytes() != before["kohya"]  # the new weights, whole
+
+
+def test_lora_export_renames_only_within_its_folder(tiny_sd, tmp_path, monkeypatch):
+    # The output folder may be a mount point (a Colab Drive folder, a docker volume) or sit in a folder the user
+    # cannot write to: staging beside it failed there (os.replace across filesystems: EXDEV).
+    import lora_files.lora_formats as lora_formats
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    model = LoRADiffusion(str(tiny_sd))
+    real_replace = os.replace
+
+    def replace_on_one_filesystem(src, dst):
+        if not Path(src).resolve().is_relative_to(Path(dst).resolve().parent):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lora_formats.os, "replace", replace_on_one_filesystem)
+    folder = tmp_path / "mount"
+    files = lora_formats.export_lora(folder, model.unet, name="me", base_model="tiny", steps=1, resolution=64)
+    assert {path.parent for path in files.values()} == {folder}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(path.name for path in files.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mount"]  # nothing written beside it
 
 
 def test_full_disk_during_lora_export_is_one_message(demo_cli, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -256,6 +257,43 @@ def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         export_main([str(ckpt), "--out", str(tmp_path / "out2"), "--base-model", str(tmp_path / "gone")])
     assert info.value.code == 2 and "gone: no such file or folder" in capsys.readouterr().err
+
+
+def test_command_says_when_the_output_folder_takes_no_files(cli_run, tmp_path, monkeypatch, capsys):
+    import lightning_modules.lora_diffusion as lora_diffusion
+
+    ckpt = cli_run / "checkpoints" / "last.ckpt"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+
+    def slow_load(*args, **kwargs):
+        raise AssertionError("the base model loaded before --out was checked")
+
+    monkeypatch.setattr(lora_diffusion.LoRADiffusion, "load_from_checkpoint", slow_load)
+    with pytest.raises(SystemExit) as info:
+        export_main([str(ckpt), "--out", str(a_file / "lora")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"{a_file / 'lora'}: cannot write the LoRA files there (Not a directory); pass --out" in err
+    assert a_file.read_text() == "mine"
+    monkeypatch.undo()
+
+    # A failure while writing (the disk filled up): one message, exit 1, what was there before untouched.
+    import lora_files.lora_formats as lora_formats
+
+    out = tmp_path / "out"
+    export_main([str(ckpt), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lora_formats, "save_kohya_lora", full)
+    with pytest.raises(SystemExit) as info:
+        export_main([str(ckpt), "--out", str(out), "--name", "other"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "No space left on device" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden"])

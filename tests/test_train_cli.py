@@ -109,6 +109,38 @@ def test_resume_gives_identical_lora_weights(demo_cli, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.parametrize("stop", [3, 4])
+def test_resume_from_the_last_checkpoint_of_a_finished_run_continues_the_data(demo_cli, tmp_path, stop):
+    # A run that simply ended (max_steps, no periodic save at that step) and is extended from its last.ckpt must
+    # train on what an uninterrupted run would: the rest of the epoch, then the next. That last.ckpt is saved at
+    # the end of training, when Lightning has already counted the epoch as finished; the resumed run skipped the
+    # rest of the epoch (stop 3, mid-epoch: 7 photos, batch 2) or a whole epoch (stop 4, at its end).
+    common = [
+        "--trainer.limit_val_batches=0",
+        "--checkpoint.every_n_train_steps=100",
+        "--data.random_flip=true",
+        "--model.lr_scheduler=constant_with_warmup",  # a plan that does not depend on max_steps
+        "--model.lr_warmup_steps=2",
+        "--validation.baseline=false",
+        "--validation.every_n_steps=0",
+    ]
+    whole = main(demo_cli("fit", tmp_path / "whole", *common, "--trainer.max_steps=6", "--validation.at_end=false"))
+    # The first part ends with a validation, as a finished run does: its metrics stay in last.ckpt.
+    first = main(demo_cli("fit", tmp_path / "part", *common, f"--trainer.max_steps={stop}"))
+    last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == stop
+    assert any(state.get("last_metrics") for state in saved["callbacks"].values() if isinstance(state, dict))
+    resumed = main(demo_cli("fit", tmp_path / "part", *common, "--trainer.max_steps=6", f"--ckpt_path={last}"))
+    assert resumed.trainer.global_step == 6
+    assert resumed.trainer.current_epoch == whole.trainer.current_epoch
+    a = lora_tensors(Path(whole.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    b = lora_tensors(Path(resumed.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_config_wins_but_lora_settings_must_match(demo_cli, tmp_path, capsys):
     first = main(demo_cli("fit", tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"))
     ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
