@@ -30,11 +30,19 @@ from callbacks.image_writer import ImageWriter
 from callbacks.lora_ema import LoraEMA
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
-from callbacks.run_folders import DropEmptyRun, resolve_checkpoint, run_folder_of
+from callbacks.run_folders import (
+    PATH_SETTINGS,
+    DropEmptyRun,
+    absolute_path_settings,
+    absolute_setting,
+    resolve_checkpoint,
+    run_folder_of,
+)
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from callbacks.training_crops import TrainingCrops
 from datamodules.face_data_module import FaceDataModule
+from datamodules.files import cannot_write, default_cache_dir
 from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
 
@@ -93,6 +101,22 @@ def _check_before_loading(subcommand: str, config: Namespace) -> None:
         check_prior_settings(float(config["model"].get("prior_loss_weight") or 0.0), _plain(data.get("prior_prompts")))
     if subcommand == "predict" and data.get("predict_prompts") is not None:
         read_prompts(_plain(data["predict_prompts"]), "data.predict_prompts")
+    for section, given, default in (
+        ("data", data.get("cache_dir"), default_cache_dir() / "latents"),
+        ("validation", (config.get("validation") or {}).get("cache_dir"), default_cache_dir()),
+    ):
+        folder = Path(given).expanduser() if given else default
+        if subcommand == "fit" and (reason := cannot_write(folder)):
+            setting = f"{section}.cache_dir {given}" if given else f"the cache folder {folder} ({section}.cache_dir)"
+            raise ValueError(f"{setting}: cannot write there ({reason}). Give a folder you can write to.")
+    model = config["model"]
+    face_weighted = model.get("face_loss_weight") != model.get("background_loss_weight")
+    if subcommand == "fit" and (data.get("crop") == "face" or face_weighted):
+        # The detector that finds the face boxes (data.face_detector), checked as the scoring models are below.
+        from datamodules.face_boxes import DETECTOR_SETTING
+        from metrics.face_model import FaceModel
+
+        FaceModel("Dlib", data["face_detector"], detector_setting=DETECTOR_SETTING).check()
     validation = config.get("validation")
     if subcommand in ("fit", "validate", "test") and validation is not None:
         # The scoring models, before the base model loads: offline, a missing one stops here in seconds (#11).
@@ -157,6 +181,11 @@ class LikenessCLI(LightningCLI):
         parser.add_lightning_class_args(StopCheckpoint, "stop_checkpoint")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if subcommand := self.config.get("subcommand"):
+            absolute_path_settings(self.config[subcommand])
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -173,6 +202,14 @@ class LikenessCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path} is not a likeness checkpoint ({type(err).__name__}). Give a .ckpt file "
                 "from a run's checkpoints/ folder (exported LoRA .safetensors files cannot be resumed)."
             ) from None
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(hparams, dict) or "pretrained_model_name_or_path" not in hparams:
+            # An SD model file has a state_dict and often a global_step (840000): without this, "raise max_steps".
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} is not a checkpoint of a likeness run (no LoRADiffusion settings in it). "
+                "To resume, give a .ckpt from a run's checkpoints/ folder; to train on a base model file, give it "
+                "as --model.pretrained_model_name_or_path."
+            )
         check_finite(
             checkpoint.get("state_dict", {}),
             f"--ckpt_path {ckpt_path}",
@@ -194,6 +231,8 @@ class LikenessCLI(LightningCLI):
             current = self.config[subcommand][section]
             for key, old in saved.items():
                 new = _plain(current.get(key))
+                if key in PATH_SETTINGS[section]:  # saved relative by older versions
+                    old = absolute_setting(key, old)
                 if key.startswith("_") or key not in current or _plain(old) == new:
                     continue
                 line = f"{section}.{key}: checkpoint {old!r}, config {new!r}"

@@ -81,6 +81,10 @@ def training_settings(
     settings = scalars(module_hparams)
     settings |= {k: v for k, v in scalars(datamodule_hparams).items() if k not in settings}
     settings.pop("pretrained_model_name_or_path", None)  # the card lists it as the base model
+    # data.center_crop is the deprecated spelling of data.crop (false: random): the card gives the crop trained with,
+    # not `center_crop: true` beside `crop: face`.
+    if settings.pop("center_crop", True) is False and settings.get("crop") == "center":
+        settings["crop"] = "random"
     settings["precision"] = _PRECISION_NAMES.get(str(precision), str(precision))
     if max_steps and max_steps > 0:
         settings["max_steps"] = max_steps

@@ -8,6 +8,39 @@ from typing import Any
 import lightning as L
 import yaml
 
+# The settings that name files or folders, saved absolute in a run (config.yaml, the checkpoint's hyperparameters):
+# ``likeness export CKPT``, ``score --ckpt`` and a resume then work from any working directory, and the model card
+# names the base model by a path that means something outside it.
+PATH_SETTINGS = {
+    "model": ("pretrained_model_name_or_path", "model_config", "compile_cache_dir"),
+    "data": ("data_dir", "validation_prompts", "predict_prompts", "prior_prompts", "cache_dir"),
+    "validation": ("clip_model", "cache_dir"),
+    "predict_writer": ("output_dir",),
+}
+# These may name no path at all (a Hub id like ``org/name``): made absolute only when such a path exists here.
+_HUB_OR_PATH = {"pretrained_model_name_or_path", "model_config", "clip_model"}
+
+
+def absolute_setting(key: str, value: Any) -> Any:
+    """``value`` of the path setting ``key`` as an absolute path (``~`` expanded); anything else unchanged."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute() and str(path) == value:
+        return value
+    if key in _HUB_OR_PATH and not path.exists():
+        return value
+    return str(path.absolute())
+
+
+def absolute_path_settings(config: Any) -> None:
+    """Make the :data:`PATH_SETTINGS` of one subcommand's parsed config absolute, in place."""
+    for section, keys in PATH_SETTINGS.items():
+        values = config.get(section)
+        for key in keys if values is not None else ():
+            if key in values:
+                values[key] = absolute_setting(key, values[key])
+
 
 def log_dir(trainer: L.Trainer) -> Path:
     """The run's log folder (``logs/<name>/version_N``), or the trainer's root without a logger."""

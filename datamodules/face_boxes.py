@@ -32,6 +32,8 @@ FORMAT = "likeness-face-boxes-1"
 # Largest side the detector sees, as metrics.face_model does (a 144-megapixel photo took 11.6 GB in the detector,
 # issue #8); boxes found on the shrunk photo are scaled back.
 MAX_DETECTOR_SIDE = 2048
+# How errors name the detector of the face boxes: the data module's setting, not validation's pair.
+DETECTOR_SETTING = "data.face_detector"
 # The soft mask falls from 1 to 0 over this fraction of the face box's side outside the box: dlib's box runs from
 # the brows to the chin, so the feather takes in the hairline, ears and jaw that also carry identity.
 FEATHER = 0.2
@@ -182,7 +184,7 @@ class FaceBoxes:
             from metrics.face_model import FaceModel, import_deepface
 
             # check() installs the offline dlib weights and fails with a clear message when weights are missing.
-            FaceModel("Dlib", self.detector_backend).check()
+            FaceModel("Dlib", self.detector_backend, detector_setting=DETECTOR_SETTING).check()
             self._deepface = import_deepface()
         return self._deepface.extract_faces(
             bgr, detector_backend=self.detector_backend, enforce_detection=False, align=False

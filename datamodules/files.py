@@ -31,8 +31,10 @@ def file_mode(folder: Path) -> int:
 
 
 def cannot_write(folder: Path) -> str | None:
-    """Why no file can be created in ``folder`` (made if missing): ``"Read-only file system"``, ``"Not a
-    directory"``…; None if one can. Asked before slow work that ends by writing there."""
+    """Why no file can be created in ``folder`` (made if missing): ``"Read-only file system"``, ``"it is a file,
+    not a folder"``…; None if one can. Asked before slow work that ends by writing there."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         file_mode(folder)  # creates and removes a probe file

@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -120,6 +121,7 @@ class ImageCaptionDataset(Dataset):
         self.caption_dropout = caption_dropout
         self.captions = [caption_template.replace("{caption}", pair.caption) for pair in pairs]
         self.input_ids = self.tokenize(self.captions)  # once, not every step
+        self._warn_of_long_captions()
         self.empty_input_ids = self.tokenize([""])[0]
         self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.hidden_states: torch.Tensor | None = None
@@ -141,6 +143,23 @@ class ImageCaptionDataset(Dataset):
             truncation=True,
             return_tensors="pt",
         ).input_ids
+
+    def _warn_of_long_captions(self) -> None:
+        # The text encoder reads model_max_length tokens (77 for SD1.x's CLIP, start and end included); the rest of a
+        # longer caption is cut, as in diffusers' and kohya's scripts (without max_token_length), so a trigger word
+        # at its end never trains. Said once, with what is lost.
+        limit = self.tokenizer.model_max_length
+        full = self.tokenizer(self.captions, truncation=False, verbose=False).input_ids
+        long = [(pair, ids) for pair, ids in zip(self.pairs, full, strict=True) if len(ids) > limit]
+        if not long:
+            return
+        pair, ids = long[0]
+        lost = self.tokenizer.decode(ids[limit - 1 : -1]).strip()
+        rank_zero_warn(
+            f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and are cut: training never "
+            f"sees the rest (e.g. {pair.image.with_suffix('.txt').name} loses {lost!r}). Shorten them, or put the "
+            "trigger word first."
+        )
 
     def window(self, index: int, size: tuple[int, int], generator: torch.Generator | None) -> CropWindow:
         """Pair ``index``'s crop of its ``size`` (width, height) photo, drawing from ``generator`` if random."""

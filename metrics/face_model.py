@@ -84,6 +84,8 @@ class FaceModel:
             (deepface's own default: the home directory). Only set while the models are built.
         allow_download: let deepface download weights that are missing. With ``False``, or with
             ``HF_HUB_OFFLINE=1`` set, missing weights raise at once instead of trying the network.
+        detector_setting: the setting that chose the detector when it is used alone (the face boxes of
+            ``data.face_detector``): errors name it, and offline detectors for it, instead of validation's pair.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class FaceModel:
         detector_backend: str = "dlib",
         weights_home: str | Path | None = None,
         allow_download: bool = True,
+        detector_setting: str | None = None,
     ) -> None:
         self.model_name = model_name
+        self.detector_setting = detector_setting
         self.detector_backend = detector_backend
         self.weights_home = Path(weights_home).expanduser() if weights_home is not None else None
         self.allow_download = allow_download and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in (
@@ -134,6 +138,8 @@ class FaceModel:
     @property
     def _settings(self) -> str:
         """The CLI settings that chose this model, as the user typed them."""
+        if self.detector_setting:
+            return f"--{self.detector_setting} {self.detector_backend}"
         return f"--validation.face_model {self.model_name} --validation.face_detector {self.detector_backend}"
 
     def _error(self, problem: str) -> FaceModelError:
@@ -143,11 +149,19 @@ class FaceModel:
             "run `likeness prefetch --config CONFIG` (or any run) once with network access so deepface downloads "
             "them into that folder, or copy them there"
         )
-        offline = offline_pair_hints(self.model_name, self.detector_backend)
+        if self.detector_setting:
+            detectors = [d for _, d in OFFLINE_PAIRS if d != self.detector_backend]
+            offline = "or use an offline detector: " + " or ".join(
+                f"`--{self.detector_setting} {d}`" for d in detectors
+            )
+        else:
+            offline = (
+                f"or use an offline pair: {offline_pair_hints(self.model_name, self.detector_backend)} "
+                "(`likeness score`: --face-model NAME --face-detector NAME)"
+            )
         return FaceModelError(
             f"face model {self._settings}: {problem} Weights folder: {self.weights_dir}. "
-            f"Fix: {'; '.join([*shipped, network])}; or use an offline pair: {offline} "
-            "(`likeness score`: --face-model NAME --face-detector NAME)."
+            f"Fix: {'; '.join([*shipped, network])}; {offline}."
         )
 
     def check(self) -> None:

@@ -107,6 +107,14 @@ def lora_file(given: Path) -> Path:
     return given
 
 
+def _check_base(base: str, what: str, advice: str = "give a diffusers folder, a .safetensors file or a Hub id") -> None:
+    """A base model given as a path must be there: found now, not after minutes of embedding the photos."""
+    from stable_diffusion.base_model import looks_like_path
+
+    if looks_like_path(base) and not Path(base).expanduser().exists():
+        raise ScoreInputError(f"{what} {base}: no such file or folder; {advice}.")
+
+
 class ScoreInputs:
     """The inputs of one ``likeness score``, resolved and checked by :meth:`check` (cheap: no model loads).
 
@@ -148,6 +156,7 @@ class ScoreInputs:
         if self.lora is not None:
             if not self.base:
                 raise ScoreInputError("--lora needs --base MODEL: the SD1.x model it was trained on.")
+            _check_base(self.base, "--base")
             self.lora = lora_file(self.lora)
         if self.ckpt is not None:
             self._read_checkpoint()
@@ -170,6 +179,11 @@ class ScoreInputs:
             self.checkpoint = read_checkpoint(self.ckpt)
         except (FileNotFoundError, ValueError) as err:
             raise ScoreInputError(f"--ckpt {err}") from None
+        if self.base:
+            _check_base(self.base, "--base")
+        else:
+            trained_on = str(self.checkpoint["hyper_parameters"]["pretrained_model_name_or_path"])
+            _check_base(trained_on, f"--ckpt {self.ckpt}: the run's base model", "pass --base with where it is now")
         data = self.checkpoint.get("datamodule_hyper_parameters") or {}
         # The run's photos and prompts unless given: `likeness score --ckpt CKPT` scores it as the run validated.
         self.photos = self.photos or (Path(data["data_dir"]).expanduser() if data.get("data_dir") else None)

@@ -128,7 +128,7 @@ def load_base_model(
         raise BaseModelError(f"{name}: `config` applies to single checkpoint files only; remove it.")
     if path.is_dir():
         return _load_diffusers(name, str(path), read_model_index(path), None, variant, torch_dtype, True)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise BaseModelError(
             f"{name}: no such file or folder. Point model.pretrained_model_name_or_path at an existing "
             f"diffusers folder or a {'/'.join(CHECKPOINT_SUFFIXES)} file, or give a Hub id "
@@ -153,7 +153,7 @@ def load_base_model(
     return _load_diffusers(name, name, index, revision, variant, torch_dtype, local_only)
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A string that cannot be a Hub id (``org/name``) is meant as a local path."""
     return (
         name.startswith((".", "~", "/"))

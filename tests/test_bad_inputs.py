@@ -278,3 +278,29 @@ def test_missing_face_model_offline_is_named_before_the_base_model_loads(demo_cl
     ]
     err = run_bad(demo_cli, tmp_path, capsys, args)
     assert "--validation.face_model GhostFaceNet --validation.face_detector ssd" in err and "/no/model" not in err, err
+
+
+@pytest.mark.parametrize("detector", ["ssd", "bogus"])
+def test_bad_face_box_detector_is_named_as_the_data_setting_before_the_base_model_loads(
+    demo_cli, tmp_path, capsys, monkeypatch, detector
+):
+    # data.face_detector finds the face boxes of crop: face; validation.face_detector is another setting.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path / "empty-deepface-home"))  # no weights there but dlib's
+    args = [f"--data.face_detector={detector}", "--model.pretrained_model_name_or_path=/no/model"]
+    err = run_bad(demo_cli, tmp_path, capsys, args)
+    assert f"face model --data.face_detector {detector}: " in err and "/no/model" not in err, err
+    assert "`--data.face_detector dlib`" in err and "--validation.face" not in err, err
+
+
+@pytest.mark.parametrize("section", ["data", "validation"])
+def test_a_cache_dir_that_is_a_file_is_named_before_the_base_model_loads(demo_cli, tmp_path, capsys, section):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    args = [f"--{section}.cache_dir={a_file}", "--model.pretrained_model_name_or_path=/no/model"]
+    err = run_bad(demo_cli, tmp_path, capsys, args)
+    assert (
+        f"{section}.cache_dir {a_file}: cannot write there (it is a file, not a folder)" in err
+        and "/no/model" not in err
+    ), err
+    assert a_file.read_text() == "mine"

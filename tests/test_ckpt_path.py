@@ -41,11 +41,14 @@ def test_last_and_folders_resolve(tmp_path):
         ("{tmp}/lora.safetensors", "is a LoRA file"),
         ("{tmp}/empty-folder", "folder without last.ckpt"),
         ("{tmp}/missing.ckpt", "no such file"),
+        # An SD model file: a state_dict and a global_step far beyond max_steps, but no likeness settings.
+        ("{tmp}/sd-v1-5.ckpt", "not a checkpoint of a likeness run .* --model.pretrained_model_name_or_path"),
     ],
 )
 def test_bad_ckpt_paths_stop_before_loading_anything(demo_cli, tmp_path, capsys, given, message):
     (tmp_path / "lora.safetensors").write_bytes(b"{}")
     (tmp_path / "empty-folder").mkdir()
+    torch.save({"state_dict": {"model.w": torch.zeros(2)}, "global_step": 840000}, tmp_path / "sd-v1-5.ckpt")
     with pytest.raises(SystemExit) as info:
         main(demo_cli("fit", tmp_path / "logs", *QUIET, f"--ckpt_path={given.format(tmp=tmp_path)}"))
     assert info.value.code == 2
@@ -96,3 +99,57 @@ def test_finished_run_cannot_be_resumed_and_extending_says_what_the_schedule_doe
     logged = {e.step: e.value for e in acc.Scalars("train/lr/unet")}
     # ... and it does what it says: the first resumed step trains at that rate (the monitor logs it one step on).
     assert logged[min(logged)] == pytest.approx(1e-3 * factor[8], rel=1e-6)
+
+
+def test_a_run_given_relative_paths_works_from_any_directory(demo_cli, tiny_sd, demo_photos, tmp_path, monkeypatch):
+    # configs/demo.yaml and brad.yaml name their model and photos relative to the repository; `likeness export
+    # CKPT`, `score --ckpt` and --ckpt_path must still find them when run from elsewhere.
+    import warnings
+
+    import yaml
+
+    from callbacks.checkpoint_export import main as export_main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    relative = {
+        "model.pretrained_model_name_or_path": os.path.relpath(tiny_sd, work),
+        "data.data_dir": os.path.relpath(demo_photos, work),
+        "data.validation_prompts": os.path.relpath(demo_photos.parent / "validation_prompts.txt", work),
+    }
+    args = [*QUIET, "--trainer.max_steps=2", "--export.on_checkpoint=false"]
+    args += [f"--{key}={value}" for key, value in relative.items()]
+    cli = main(demo_cli("fit", tmp_path / "logs", *args))
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    config = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    for key, value in relative.items():
+        section, name = key.split(".")
+        want = str(work / value)
+        assert os.path.realpath(config[section][name]) == os.path.realpath(want), key
+        hparams = saved["hyper_parameters" if section == "model" else "datamodule_hyper_parameters"]
+        assert Path(hparams[name]).is_absolute() and os.path.samefile(hparams[name], want), key
+    # A Hub id stays a Hub id (no such folder here).
+    from callbacks.run_folders import absolute_setting
+
+    assert absolute_setting("pretrained_model_name_or_path", "org/model") == "org/model"
+    assert absolute_setting("data_dir", "photos") == str(work / "photos")
+
+    monkeypatch.chdir(elsewhere)
+    export_main([str(ckpt), "--out", str(tmp_path / "out")])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"base_model: {cli.model.hparams.pretrained_model_name_or_path}\n" in card
+    assert "## Caption words" in card  # the training captions were found again
+
+    # A checkpoint of an older version, which kept the paths as given: resuming it with the same relative config
+    # from the same directory reports no changed setting.
+    monkeypatch.chdir(work)
+    saved["hyper_parameters"]["pretrained_model_name_or_path"] = relative["model.pretrained_model_name_or_path"]
+    saved["datamodule_hyper_parameters"]["data_dir"] = relative["data.data_dir"]
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(demo_cli("fit", tmp_path / "logs", *args, "--trainer.max_steps=3", f"--ckpt_path={old}"))
+    assert not [w for w in caught if "Settings differ" in str(w.message)]

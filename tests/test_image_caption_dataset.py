@@ -84,6 +84,24 @@ def test_resize_crop_scale(tmp_path, tiny_tokenizer):
     )
 
 
+def test_a_caption_longer_than_the_text_encoder_reads_is_reported_with_what_it_loses(tmp_path, tiny_tokenizer):
+    import warnings
+
+    Image.fromarray(gradient_image(40, 40)).save(tmp_path / "x.png")
+    limit = tiny_tokenizer.model_max_length
+    words = " ".join(["a"] * (limit - 2))  # one token each: with start and end, the text encoder's whole window
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ImageCaptionDataset([Pair(tmp_path / "x.png", words)], tiny_tokenizer, resolution=40)
+        dataset = ImageCaptionDataset([Pair(tmp_path / "x.png", f"{words} sks person")], tiny_tokenizer, resolution=40)
+    messages = [str(w.message) for w in caught if "tokens and are cut" in str(w.message)]
+    assert len(messages) == 1, messages  # the caption that just fits is not reported
+    assert f"1 caption(s) are longer than the text encoder's {limit} tokens" in messages[0]
+    assert "x.txt loses 'sks person'" in messages[0]
+    # ... and that is what training sees: the trigger word is not among the input ids.
+    assert tiny_tokenizer.decode(dataset[0]["input_ids"], skip_special_tokens=True).strip() == words
+
+
 def test_random_crop_and_flip_follow_the_seed(tmp_path, tiny_tokenizer):
     Image.fromarray(gradient_image(90, 40)).save(tmp_path / "x.png")
     dataset = ImageCaptionDataset(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -323,3 +324,18 @@ def test_export_command_counts_captions_as_trained(demo_photos):
     raw = sorted(p.read_text(encoding="utf-8").strip() for p in demo_photos.glob("*.txt"))
     templated = _captions({"data_dir": str(demo_photos), "caption_template": "photo of sks woman, {caption}"})
     assert sorted(templated) == [f"photo of sks woman, {caption}" for caption in raw]
+
+
+@pytest.mark.parametrize(
+    ("data", "crop"),
+    [({"crop": "face", "center_crop": True}, "face"), ({"crop": "center", "center_crop": False}, "random")],
+)
+def test_model_card_settings_give_the_crop_trained_with(data, crop):
+    from callbacks.export_facts import training_settings
+    from datamodules.data_settings import check_crop_and_captions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # center_crop's deprecation
+        assert check_crop_and_captions(**data) == crop  # what the data module trains with
+    settings = training_settings({"lora_rank": 4}, {"resolution": 64, **data})
+    assert settings["crop"] == crop and "center_crop" not in settings

@@ -243,6 +243,8 @@ def test_checkpoint_and_its_exported_lora_give_the_same_images(trained, demo_pho
         ("other_prompt", "was generated from the prompt 'a cat'"),
         ("lora_without_base", "--lora needs --base"),
         ("junk_lora", "not a readable safetensors file"),
+        ("lora_base_gone", "gone-sd: no such file or folder; give a diffusers folder"),
+        ("ckpt_base_gone", "the run's base model /moved/sd: no such file or folder; pass --base with where"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, says, faces, tmp_path, capsys):
@@ -262,7 +264,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, says, faces, tmp_path, c
         "other_prompt": ["--images", images, *common],
         "lora_without_base": ["--lora", junk, *common, "--out", tmp_path / "out"],
         "junk_lora": ["--lora", junk, "--base", "any/model", *common, "--out", tmp_path / "out"],
+        "lora_base_gone": ["--lora", junk, "--base", tmp_path / "gone-sd", *common, "--out", tmp_path / "out"],
+        "ckpt_base_gone": ["--ckpt", tmp_path / "run.ckpt", *common, "--out", tmp_path / "out"],
     }[case]
+    # A checkpoint of a run whose base model has moved since (read_checkpoint's minimum: hparams and LoRA tensors).
+    torch.save(
+        {"hyper_parameters": {"pretrained_model_name_or_path": "/moved/sd"}, "state_dict": {}}, tmp_path / "run.ckpt"
+    )
     if case == "other_prompt":  # our own images carry their prompt: a wrong prompt file is caught
         from callbacks.prompt_grid import save_images
 
