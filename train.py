@@ -22,7 +22,6 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from callbacks.identity_validation import IdentityValidation
@@ -30,112 +29,20 @@ from callbacks.image_writer import ImageWriter
 from callbacks.lora_ema import LoraEMA
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
-from callbacks.run_folders import (
-    PATH_SETTINGS,
-    DropEmptyRun,
-    absolute_path_settings,
-    absolute_setting,
-    resolve_checkpoint,
-    run_folder_of,
-)
+from callbacks.run_folders import DropEmptyRun, absolute_path_settings, resolve_checkpoint, run_folder_of
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from callbacks.training_crops import TrainingCrops
 from datamodules.face_data_module import FaceDataModule
-from datamodules.files import cannot_write, default_cache_dir
-from lightning_modules.finite import check_finite
 from lightning_modules.lora_diffusion import LoRADiffusion
-
-# Settings that decide which tensors the LoRA has or what they mean: a checkpoint trained with other values
-# cannot be continued with these, so a resume that changes them stops with an error.
-STRUCTURAL_SETTINGS = (
-    "lora_rank",
-    "lora_alpha",
-    "unet_target_modules",
-    "train_text_encoder",
-    "text_encoder_target_modules",
-)  # and the optimizer class: its saved state belongs to that class
-
-
-def _plain(value: Any) -> Any:
-    """A config value as plain data (jsonargparse Namespaces and tuples vs. the checkpoint's dicts and lists)."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _class_path(value: Any) -> Any:
-    return _plain(value).get("class_path") if isinstance(_plain(value), dict) else value
+from run_checks import check_before_loading, check_resume, plain
 
 
 def _runs_folder(trainer_config: Any) -> Path:
     """``<save_dir>/<name>`` of the configured logger (where the run folders ``version_N`` are)."""
-    logger = _plain(trainer_config.get("logger"))
+    logger = plain(trainer_config.get("logger"))
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
     return Path(init.get("save_dir") or "logs") / str(init.get("name") or "likeness")
-
-
-def _check_before_loading(subcommand: str, config: Namespace) -> None:
-    """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
-    files, crop and caption settings, the CLIP and face models, and an 8-bit optimizer on a machine that cannot run
-    it (issue #9)."""
-    from datamodules.data_settings import check_crop_and_captions, check_prior_settings, read_prompts
-    from datamodules.folder_scan import load_pairs
-
-    data = config["data"]
-    crop_settings = ("crop", "center_crop", "face_margin", "face_scale_jitter", "caption_template", "caption_dropout")
-    with warnings.catch_warnings():  # a deprecation warning comes once, from the data module
-        warnings.simplefilter("ignore")
-        check_crop_and_captions(**{key: _plain(data[key]) for key in crop_settings})
-    if subcommand == "fit":
-        with warnings.catch_warnings():  # skipped files are reported once, when the data module sets up
-            warnings.simplefilter("ignore")
-            load_pairs(data["data_dir"], data["skip_bad_files"])
-    if subcommand in ("fit", "validate", "test"):
-        read_prompts(_plain(data["validation_prompts"]), "data.validation_prompts")
-    if subcommand == "fit":
-        check_prior_settings(float(config["model"].get("prior_loss_weight") or 0.0), _plain(data.get("prior_prompts")))
-    if subcommand == "predict" and data.get("predict_prompts") is not None:
-        read_prompts(_plain(data["predict_prompts"]), "data.predict_prompts")
-    for section, given, default in (
-        ("data", data.get("cache_dir"), default_cache_dir() / "latents"),
-        ("validation", (config.get("validation") or {}).get("cache_dir"), default_cache_dir()),
-    ):
-        folder = Path(given).expanduser() if given else default
-        if subcommand == "fit" and (reason := cannot_write(folder)):
-            setting = f"{section}.cache_dir {given}" if given else f"the cache folder {folder} ({section}.cache_dir)"
-            raise ValueError(f"{setting}: cannot write there ({reason}). Give a folder you can write to.")
-    model = config["model"]
-    face_weighted = model.get("face_loss_weight") != model.get("background_loss_weight")
-    if subcommand == "fit" and (data.get("crop") == "face" or face_weighted):
-        # The detector that finds the face boxes (data.face_detector), checked as the scoring models are below.
-        from datamodules.face_boxes import DETECTOR_SETTING
-        from metrics.face_model import FaceModel
-
-        FaceModel("Dlib", data["face_detector"], detector_setting=DETECTOR_SETTING).check()
-    validation = config.get("validation")
-    if subcommand in ("fit", "validate", "test") and validation is not None:
-        # The scoring models, before the base model loads: offline, a missing one stops here in seconds (#11).
-        from metrics.clip_score import check_clip_available
-        from metrics.face_model import FaceModel
-
-        if validation.get("clip_model"):
-            check_clip_available(validation["clip_model"])
-        FaceModel(validation["face_model"], validation["face_detector"]).check()
-    optimizer = str(_class_path(config["model"].get("optimizer")) or "")
-    if optimizer.startswith("bitsandbytes."):
-        accelerator = str(config["trainer"].get("accelerator") or "auto")
-        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        if not on_cuda:
-            raise ValueError(
-                f"model.optimizer {optimizer}: bitsandbytes' 8-bit optimizers run on CUDA GPUs only, and this run "
-                f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
-                "optimizer for a GPU with little memory."
-            )
 
 
 class RunConfig(SaveConfigCallback):
@@ -155,7 +62,7 @@ class LikenessCLI(LightningCLI):
     On ``--ckpt_path`` the run's own config wins (unlike LightningCLI >= 2.5.5, which merges the checkpoint's
     hyperparameters over it): a setting changed on resume (learning rate schedule, min-SNR, validation...) takes
     effect from the resumed step on and is reported; changing a setting that shapes the LoRA tensors
-    (:data:`STRUCTURAL_SETTINGS`) is an error.
+    (:data:`run_checks.STRUCTURAL_SETTINGS`) is an error.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -195,69 +102,14 @@ class LikenessCLI(LightningCLI):
             return
         ckpt_path = str(resolve_checkpoint(str(ckpt_path), _runs_folder(self.config[subcommand]["trainer"])))
         self.config[subcommand]["ckpt_path"] = ckpt_path
-        try:
-            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise ValueError(
-                f"--ckpt_path {ckpt_path} is not a likeness checkpoint ({type(err).__name__}). Give a .ckpt file "
-                "from a run's checkpoints/ folder (exported LoRA .safetensors files cannot be resumed)."
-            ) from None
-        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        if not isinstance(hparams, dict) or "pretrained_model_name_or_path" not in hparams:
-            # An SD model file has a state_dict and often a global_step (840000): without this, "raise max_steps".
-            raise ValueError(
-                f"--ckpt_path {ckpt_path} is not a checkpoint of a likeness run (no LoRADiffusion settings in it). "
-                "To resume, give a .ckpt from a run's checkpoints/ folder; to train on a base model file, give it "
-                "as --model.pretrained_model_name_or_path."
-            )
-        check_finite(
-            checkpoint.get("state_dict", {}),
-            f"--ckpt_path {ckpt_path}",
-            "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
-        )
-        max_steps = self.config[subcommand]["trainer"].get("max_steps")
-        step = int(checkpoint.get("global_step", 0))
-        if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path} is at step {step} and trainer.max_steps is {max_steps}: nothing is left to "
-                "train. To train on, raise --trainer.max_steps (the learning-rate schedule then spans the new "
-                "length; a warning shows how the rate changes)."
-            )
-        conflicts, changes = [], []
-        for section, saved in (
-            ("model", checkpoint.get("hyper_parameters", {})),
-            ("data", checkpoint.get("datamodule_hyper_parameters", {})),
-        ):
-            current = self.config[subcommand][section]
-            for key, old in saved.items():
-                new = _plain(current.get(key))
-                if key in PATH_SETTINGS[section]:  # saved relative by older versions
-                    old = absolute_setting(key, old)
-                if key.startswith("_") or key not in current or _plain(old) == new:
-                    continue
-                line = f"{section}.{key}: checkpoint {old!r}, config {new!r}"
-                structural = section == "model" and (
-                    key in STRUCTURAL_SETTINGS or (key == "optimizer" and _class_path(old) != _class_path(new))
-                )
-                (conflicts if structural else changes).append(line)
-        if conflicts:
-            raise ValueError(
-                f"The checkpoint {ckpt_path} was trained with other LoRA settings:\n  "
-                + "\n  ".join(conflicts)
-                + "\nUse the config it was trained with (its copy is config.yaml in the run's log folder)."
-            )
-        if changes and subcommand == "fit":  # test/predict with other prompts or data settings is the point
-            rank_zero_warn(
-                "Settings differ from the checkpoint; the config's values apply from the resumed step on:\n  "
-                + "\n  ".join(changes)
-            )
+        check_resume(ckpt_path, subcommand, self.config[subcommand])
 
     def before_instantiate_classes(self) -> None:
         """Check what is quick to check before the base model loads; validate/test/predict of a checkpoint log and
         write into the run it comes from, not a new version_N."""
         subcommand = self.config.get("subcommand")
         if subcommand:
-            _check_before_loading(subcommand, self.config[subcommand])
+            check_before_loading(subcommand, self.config[subcommand])
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         logger = self.config[subcommand]["trainer"].get("logger") if ckpt_path else None
         if subcommand == "fit" or not isinstance(logger, Namespace | dict) or "init_args" not in logger:

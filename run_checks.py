@@ -1,0 +1,162 @@
+"""What ``likeness fit|validate|test|predict`` checks in seconds, before the base model loads: the settings (photo
+folder, prompts, crops, caches, face and CLIP models, optimizer) and a ``--ckpt_path`` to resume from."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks.run_folders import PATH_SETTINGS, absolute_setting
+from datamodules.files import cannot_write, default_cache_dir
+from lightning_modules.finite import check_finite
+
+# Settings that decide which tensors the LoRA has or what they mean: a checkpoint trained with other values
+# cannot be continued with these, so a resume that changes them stops with an error.
+STRUCTURAL_SETTINGS = (
+    "lora_rank",
+    "lora_alpha",
+    "unet_target_modules",
+    "train_text_encoder",
+    "text_encoder_target_modules",
+)  # and the optimizer class: its saved state belongs to that class
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain data (jsonargparse Namespaces and tuples vs. the checkpoint's dicts and lists)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def class_path(value: Any) -> Any:
+    return plain(value).get("class_path") if isinstance(plain(value), dict) else value
+
+
+def check_before_loading(subcommand: str, config: Namespace) -> None:
+    """Mistakes found in seconds, before the base model loads for a minute (issue #10): the photo folder, the prompt
+    files, crop and caption settings, the CLIP and face models, and an 8-bit optimizer on a machine that cannot run
+    it (issue #9)."""
+    from datamodules.data_settings import check_crop_and_captions, check_prior_settings, read_prompts
+    from datamodules.folder_scan import load_pairs
+
+    data = config["data"]
+    crop_settings = ("crop", "center_crop", "face_margin", "face_scale_jitter", "caption_template", "caption_dropout")
+    with warnings.catch_warnings():  # a deprecation warning comes once, from the data module
+        warnings.simplefilter("ignore")
+        check_crop_and_captions(**{key: plain(data[key]) for key in crop_settings})
+    if subcommand == "fit":
+        with warnings.catch_warnings():  # skipped files are reported once, when the data module sets up
+            warnings.simplefilter("ignore")
+            load_pairs(data["data_dir"], data["skip_bad_files"])
+    if subcommand in ("fit", "validate", "test"):
+        read_prompts(plain(data["validation_prompts"]), "data.validation_prompts")
+    if subcommand == "fit":
+        check_prior_settings(float(config["model"].get("prior_loss_weight") or 0.0), plain(data.get("prior_prompts")))
+    if subcommand == "predict" and data.get("predict_prompts") is not None:
+        read_prompts(plain(data["predict_prompts"]), "data.predict_prompts")
+    for section, given, default in (
+        ("data", data.get("cache_dir"), default_cache_dir() / "latents"),
+        ("validation", (config.get("validation") or {}).get("cache_dir"), default_cache_dir()),
+    ):
+        folder = Path(given).expanduser() if given else default
+        if subcommand == "fit" and (reason := cannot_write(folder)):
+            setting = f"{section}.cache_dir {given}" if given else f"the cache folder {folder} ({section}.cache_dir)"
+            raise ValueError(f"{setting}: cannot write there ({reason}). Give a folder you can write to.")
+    model = config["model"]
+    face_weighted = model.get("face_loss_weight") != model.get("background_loss_weight")
+    if subcommand == "fit" and (data.get("crop") == "face" or face_weighted):
+        # The detector that finds the face boxes (data.face_detector), checked as the scoring models are below.
+        from datamodules.face_boxes import DETECTOR_SETTING
+        from metrics.face_model import FaceModel
+
+        FaceModel("Dlib", data["face_detector"], detector_setting=DETECTOR_SETTING).check()
+    validation = config.get("validation")
+    if subcommand in ("fit", "validate", "test") and validation is not None:
+        # The scoring models, before the base model loads: offline, a missing one stops here in seconds (#11).
+        from metrics.clip_score import check_clip_available
+        from metrics.face_model import FaceModel
+
+        if validation.get("clip_model"):
+            check_clip_available(validation["clip_model"])
+        FaceModel(validation["face_model"], validation["face_detector"]).check()
+    optimizer = str(class_path(config["model"].get("optimizer")) or "")
+    if optimizer.startswith("bitsandbytes."):
+        accelerator = str(config["trainer"].get("accelerator") or "auto")
+        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        if not on_cuda:
+            raise ValueError(
+                f"model.optimizer {optimizer}: bitsandbytes' 8-bit optimizers run on CUDA GPUs only, and this run "
+                f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
+                "optimizer for a GPU with little memory."
+            )
+
+
+def check_resume(ckpt_path: str, subcommand: str, config: Namespace) -> None:
+    """Refuse ``--ckpt_path`` when it is no likeness checkpoint, holds non-finite LoRA weights, has nothing left to
+    train, or was trained with other LoRA-shaping settings (:data:`STRUCTURAL_SETTINGS`); warn of other changed
+    settings, which apply from the resumed step on."""
+    try:
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a likeness checkpoint ({type(err).__name__}). Give a .ckpt file "
+            "from a run's checkpoints/ folder (exported LoRA .safetensors files cannot be resumed)."
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "pretrained_model_name_or_path" not in hparams:
+        # An SD model file has a state_dict and often a global_step (840000): without this, "raise max_steps".
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is not a checkpoint of a likeness run (no LoRADiffusion settings in it). "
+            "To resume, give a .ckpt from a run's checkpoints/ folder; to train on a base model file, give it "
+            "as --model.pretrained_model_name_or_path."
+        )
+    check_finite(
+        checkpoint.get("state_dict", {}),
+        f"--ckpt_path {ckpt_path}",
+        "Its LoRA weights are unusable (a diverged run, or a damaged file): use an earlier checkpoint.",
+    )
+    max_steps = config["trainer"].get("max_steps")
+    step = int(checkpoint.get("global_step", 0))
+    if subcommand == "fit" and max_steps is not None and 0 <= max_steps <= step:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is at step {step} and trainer.max_steps is {max_steps}: nothing is left to "
+            "train. To train on, raise --trainer.max_steps (the learning-rate schedule then spans the new "
+            "length; a warning shows how the rate changes)."
+        )
+    conflicts, changes = [], []
+    for section, saved in (
+        ("model", checkpoint.get("hyper_parameters", {})),
+        ("data", checkpoint.get("datamodule_hyper_parameters", {})),
+    ):
+        current = config[section]
+        for key, old in saved.items():
+            new = plain(current.get(key))
+            if key in PATH_SETTINGS[section]:  # saved relative by older versions
+                old = absolute_setting(key, old)
+            if key.startswith("_") or key not in current or plain(old) == new:
+                continue
+            line = f"{section}.{key}: checkpoint {old!r}, config {new!r}"
+            structural = section == "model" and (
+                key in STRUCTURAL_SETTINGS or (key == "optimizer" and class_path(old) != class_path(new))
+            )
+            (conflicts if structural else changes).append(line)
+    if conflicts:
+        raise ValueError(
+            f"The checkpoint {ckpt_path} was trained with other LoRA settings:\n  "
+            + "\n  ".join(conflicts)
+            + "\nUse the config it was trained with (its copy is config.yaml in the run's log folder)."
+        )
+    if changes and subcommand == "fit":  # test/predict with other prompts or data settings is the point
+        rank_zero_warn(
+            "Settings differ from the checkpoint; the config's values apply from the resumed step on:\n  "
+            + "\n  ".join(changes)
+        )
