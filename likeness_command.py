@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import importlib
 import logging
 import os
@@ -93,6 +94,9 @@ def quiet_library_noise() -> None:
 quiet_library_noise()
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
 @contextlib.contextmanager
 def reported_errors() -> Iterator[None]:
     """Bad input: one clear message and exit code 2, not a traceback. Everything written so far stays valid."""
@@ -120,6 +124,12 @@ def reported_errors() -> Iterator[None]:
         if os.environ.get("LIKENESS_DEBUG"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+            # A disk that filled up or went read-only under a run (a Colab Drive, a cluster quota).
+            message = (
+                f"{err}. Files written before are intact (checkpoints and LoRA files are written atomically): free "
+                "space or make the folder writable, then continue with --ckpt_path last."
+            )
         print(f"error: {message}\n(set LIKENESS_DEBUG=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -65,7 +65,10 @@ class StopCheckpoint(L.Callback):
     def _sigint(self, trainer: L.Trainer):
         def handler(signum: int, frame: Any) -> None:
             if self._signal is not None:
-                raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+                # Asked twice: stop now, without a checkpoint, with the status a shell gives Ctrl+C (130). Not a
+                # KeyboardInterrupt: Lightning would turn that into exit status 1, an error to a script or a queue.
+                rank_zero_info("\nCtrl+C again: stopping now, without a checkpoint.")
+                raise SystemExit(128 + signum)
             self._signal = signum
             rank_zero_info("\nCtrl+C: a checkpoint is saved when this step ends (press Ctrl+C again to stop at once).")
             trainer._signal_connector.received_sigterm = True  # Lightning's own stop-after-this-batch path

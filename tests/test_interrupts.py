@@ -44,3 +44,17 @@ def test_signal_saves_last_checkpoint_and_exits_non_zero(demo_cli, tmp_path, sig
     assert f"checkpoint saved: {last}" in output and "Traceback" not in output
     resumed = main(demo_cli("fit", tmp_path, *QUIET, f"--trainer.max_steps={step + 1}", "--ckpt_path=last"))
     assert resumed.model.loaded_step == step and resumed.trainer.global_step == step + 1
+
+
+def test_second_ctrl_c_stops_at_once_with_the_shells_status(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.stop_checkpoint import StopCheckpoint
+
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
+    handler = StopCheckpoint()._sigint(trainer)
+    handler(signal.SIGINT, None)  # the first: finish the step, save, then stop
+    assert trainer._signal_connector.received_sigterm
+    with pytest.raises(SystemExit) as info:
+        handler(signal.SIGINT, None)  # the second: now
+    assert info.value.code == 128 + signal.SIGINT  # 130, as a shell reports Ctrl+C (Lightning's path gave 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,15 @@ def test_score_subcommand_has_a_short_help_and_one_line_errors(capsys):
     assert "--images" in err and "--ckpt" in err and "usage:" not in err
     code, _, err = run_cli(capsys, "score", "--images", "x", "--prompt", "p")  # no abbreviations, as fit
     assert code == 2 and "unrecognized arguments: --prompt" in err
+
+
+@pytest.mark.parametrize(("code", "hint"), [(errno.EROFS, True), (errno.ENOSPC, True), (errno.ENOENT, False)])
+def test_a_disk_failing_under_a_run_says_what_is_kept_and_how_to_go_on(capsys, code, hint):
+    # E.g. the TensorBoard writer's flush when the run folder went read-only: its bare OSError names no way out.
+    from likeness_command import reported_errors
+
+    with pytest.raises(SystemExit) as info, reported_errors():
+        raise OSError(code, os.strerror(code), "/runs/demo/version_0/events.out.tfevents")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{os.strerror(code)}: '/runs/demo/version_0/events.out.tfevents'" in err
+    assert ("continue with --ckpt_path last" in err) == hint, err
