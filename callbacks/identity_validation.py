@@ -18,6 +18,7 @@ from callbacks.export_facts import step_folder
 from callbacks.lora_ema import ema_weights
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
+from callbacks.stop_checkpoint import Interruptible
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
@@ -147,7 +148,10 @@ class IdentityValidation(L.Callback):
         prompts = trainer.datamodule.validation_prompt_list()
         if not prompts:
             return
-        better = self._generate_and_score(trainer, pl_module, prompts)
+        with Interruptible() as work:  # the first Ctrl+C stops a validation, so that the checkpoint comes now
+            better = self._generate_and_score(trainer, pl_module, prompts)
+        if work.interrupted:
+            better = False
         # Every rank must take part in saving a checkpoint; rank 0 decided.
         if self.save_best and trainer.strategy.broadcast(better, src=0):
             trainer.save_checkpoint(checkpoint_dir(trainer) / "best_identity.ckpt")

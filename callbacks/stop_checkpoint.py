@@ -29,6 +29,29 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.run_folders import checkpoint_dir
 
 
+class WorkInterrupted(BaseException):
+    """The first Ctrl+C, inside :class:`Interruptible` work. A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` on the way swallows it."""
+
+
+class Interruptible:
+    """``with Interruptible() as work:`` runs work that the first Ctrl+C stops (a validation): the block ends
+    there, ``work.interrupted`` is set, and the checkpoint is saved right after instead of minutes later, when a
+    user would press again and lose it."""
+
+    active = 0
+
+    def __enter__(self) -> Interruptible:
+        Interruptible.active += 1
+        self.interrupted = False
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        Interruptible.active -= 1
+        self.interrupted = isinstance(error, WorkInterrupted)
+        return self.interrupted
+
+
 class StopCheckpoint(L.Callback):
     """Saves ``<checkpoint dir>/last.ckpt`` at the last step of training when the periodic save was earlier; on
     SIGTERM or Ctrl+C finishes the step, saves it and exits with ``128 + signal``."""
@@ -58,9 +81,12 @@ class StopCheckpoint(L.Callback):
         self._epoch_ended = True
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "loops" not in checkpoint:
+            return
         # Weights, optimizer, RNG and data position are those of the last step's end; so must the loop counters be.
-        if self._epoch_ended and self._loops_at_step_end is not None and "loops" in checkpoint:
+        if self._epoch_ended and self._loops_at_step_end is not None:
             checkpoint["loops"]["fit_loop"] = copy.deepcopy(self._loops_at_step_end)
+        _count_the_running_epoch(checkpoint["loops"]["fit_loop"])
 
     def _sigint(self, trainer: L.Trainer):
         def handler(signum: int, frame: Any) -> None:
@@ -70,8 +96,11 @@ class StopCheckpoint(L.Callback):
                 rank_zero_info("\nCtrl+C again: stopping now, without a checkpoint.")
                 raise SystemExit(128 + signum)
             self._signal = signum
-            rank_zero_info("\nCtrl+C: a checkpoint is saved when this step ends (press Ctrl+C again to stop at once).")
             trainer._signal_connector.received_sigterm = True  # Lightning's own stop-after-this-batch path
+            if Interruptible.active:
+                rank_zero_info("\nCtrl+C: validation stopped; a checkpoint is saved next (Ctrl+C again: stop at once).")
+                raise WorkInterrupted
+            rank_zero_info("\nCtrl+C: a checkpoint is saved when this step ends (press Ctrl+C again to stop at once).")
 
         return handler
 
@@ -87,6 +116,10 @@ class StopCheckpoint(L.Callback):
         stale = isinstance(periodic, ModelCheckpoint) and periodic._last_global_step_saved != trainer.global_step
         if stale and periodic.save_last:
             self._save_last(trainer)
+        if self._signal is not None:  # Ctrl+C after the last step, in the final validation
+            path = checkpoint_dir(trainer) / "last.ckpt"
+            rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; checkpoint: {path}")
+            raise SystemExit(128 + self._signal)
 
     @staticmethod
     def _save_last(trainer: L.Trainer) -> Path:
@@ -111,3 +144,18 @@ class StopCheckpoint(L.Callback):
             f"Resume with: --ckpt_path {path}"
         )
         exception.code = 128 + signum
+
+
+def _count_the_running_epoch(fit_loop: dict[str, Any]) -> None:
+    """Count the epoch a checkpoint saved mid-epoch is in as started, as Lightning does in a run never resumed.
+
+    A run resumed from a checkpoint of an epoch's last batch (every one of brad.yaml's: 50 batches an epoch, a save
+    every 500 steps) finishes that epoch on restart and then runs the next without counting it as started
+    (Lightning 2.6, ``FitLoop.on_advance_start`` in its restarted-mid-epoch branch). Its checkpoints then read as
+    saved between epochs, and a second resume trained that epoch again from its start.
+    """
+    if not fit_loop.get("epoch_loop.batch_progress", {}).get("current", {}).get("ready"):
+        return  # before the first batch of an epoch: nothing is running
+    for counts in fit_loop.get("epoch_progress", {}).values():
+        if isinstance(counts, dict) and counts.get("started") == counts.get("processed") == counts.get("completed"):
+            counts["ready"] = counts["started"] = counts["completed"] + 1

@@ -58,3 +58,48 @@ def test_second_ctrl_c_stops_at_once_with_the_shells_status(tmp_path):
     with pytest.raises(SystemExit) as info:
         handler(signal.SIGINT, None)  # the second: now
     assert info.value.code == 128 + signal.SIGINT  # 130, as a shell reports Ctrl+C (Lightning's path gave 1)
+
+
+def test_ctrl_c_during_the_final_validation_saves_the_last_step_at_once(demo_cli, tmp_path, monkeypatch, caplog):
+    # max_steps no multiple of every_n_train_steps: last.ckpt comes only after the final validation. A Ctrl+C there
+    # was ignored until the validation ended, and a second one (a user waiting minutes) left no checkpoint at all.
+    import os
+
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    calls = []
+    generate_batch = LoRADiffusion.generate_batch
+
+    def ctrl_c_while_generating(self, batch):
+        calls.append(self.trainer.global_step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+            raise AssertionError("the Ctrl+C did not stop the validation")
+        return generate_batch(self, batch)
+
+    monkeypatch.setattr(LoRADiffusion, "generate_batch", ctrl_c_while_generating)
+    args = ["--validation.baseline=false", "--validation.every_n_steps=0", "--trainer.max_steps=3"]
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *args, "--checkpoint.every_n_train_steps=100"))
+    assert info.value.code == 128 + signal.SIGINT and calls == [3]
+    last = next(tmp_path.rglob("checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    said = caplog.text  # rank_zero_info: Lightning's logger
+    assert "validation stopped; a checkpoint is saved next" in said and f"checkpoint: {last}" in said
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl+C is Python's own again
+
+
+def test_first_ctrl_c_stops_interruptible_work_only(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.stop_checkpoint import Interruptible, StopCheckpoint
+
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
+    handler = StopCheckpoint()._sigint(trainer)
+    with Interruptible() as work:
+        handler(signal.SIGINT, None)
+        raise AssertionError("not reached")
+    assert work.interrupted and trainer._signal_connector.received_sigterm and Interruptible.active == 0
+    with Interruptible() as work:
+        pass
+    assert not work.interrupted

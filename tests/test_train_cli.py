@@ -141,6 +141,34 @@ def test_resume_from_the_last_checkpoint_of_a_finished_run_continues_the_data(de
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_chain_of_resumes_from_epoch_end_checkpoints_trains_each_epoch_once(demo_cli, tmp_path):
+    # 7 photos, batch 2: 4 steps an epoch, so every checkpoint of every_n_train_steps=4 is at an epoch's last batch
+    # (brad.yaml's case: 50 batches an epoch, a save every 500 steps). The second resume in a row replayed an epoch.
+    common = [
+        "--trainer.limit_val_batches=0",
+        "--checkpoint.every_n_train_steps=4",
+        "--data.random_flip=true",
+        "--model.lr_scheduler=constant_with_warmup",
+        "--model.lr_warmup_steps=2",
+        "--validation.baseline=false",
+        "--validation.every_n_steps=0",
+        "--validation.at_end=false",
+        "--export.on_checkpoint=false",
+    ]
+    whole = main(demo_cli("fit", tmp_path / "whole", *common, "--trainer.max_steps=12"))
+    ckpt = None
+    for steps in (4, 8, 12):
+        resume = [f"--ckpt_path={ckpt}"] if ckpt else []
+        run = main(demo_cli("fit", tmp_path / f"to{steps}", *common, f"--trainer.max_steps={steps}", *resume))
+        ckpt = Path(run.trainer.log_dir) / "checkpoints" / f"step{steps:06d}.ckpt"
+    assert run.trainer.global_step == 12 and run.trainer.current_epoch == whole.trainer.current_epoch
+    a = lora_tensors(Path(whole.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    b = lora_tensors(ckpt)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_config_wins_but_lora_settings_must_match(demo_cli, tmp_path, capsys):
     first = main(demo_cli("fit", tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"))
     ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
