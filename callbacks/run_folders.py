@@ -34,12 +34,24 @@ def absolute_setting(key: str, value: Any) -> Any:
 
 
 def absolute_path_settings(config: Any) -> None:
-    """Make the :data:`PATH_SETTINGS` of one subcommand's parsed config absolute, in place."""
+    """Make the :data:`PATH_SETTINGS` of one subcommand's parsed config absolute, in place; also where the run
+    logs (``trainer.default_root_dir``, each logger's ``save_dir``): the run's config.yaml then resumes into the
+    same ``logs/<name>`` and finds ``--ckpt_path last`` from any working directory."""
     for section, keys in PATH_SETTINGS.items():
         values = config.get(section)
         for key in keys if values is not None else ():
             if key in values:
                 values[key] = absolute_setting(key, values[key])
+    trainer = config.get("trainer")
+    if trainer is None:
+        return
+    if trainer.get("default_root_dir"):
+        trainer["default_root_dir"] = absolute_setting("default_root_dir", trainer["default_root_dir"])
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and init_args.get("save_dir"):
+            init_args["save_dir"] = absolute_setting("save_dir", init_args["save_dir"])
 
 
 def log_dir(trainer: L.Trainer) -> Path:

@@ -171,6 +171,13 @@ class ScoreInputs:
         self.out = self.out or (self.images if made is None else made / "score" / name)
         if self.out.exists() and not self.out.is_dir():
             raise ScoreInputError(f"--out {self.out}: is a file; give a folder.")
+        if self.out.resolve() == self.photos.resolve():
+            # grid.png and the score files there would stop the next fit ("image without a caption file").
+            given = "--out" if self.images is None or self.out != self.images else "--images (where scores go)"
+            raise ScoreInputError(
+                f"{given} {self.out} is the photo folder (--photos); the files scoring writes would break training "
+                "on it. Pass --out with another folder."
+            )
 
     def _read_checkpoint(self) -> None:
         from callbacks.checkpoint_export import read_checkpoint

@@ -120,7 +120,7 @@ def test_a_run_given_relative_paths_works_from_any_directory(demo_cli, tiny_sd, 
     }
     args = [*QUIET, "--trainer.max_steps=2", "--export.on_checkpoint=false"]
     args += [f"--{key}={value}" for key, value in relative.items()]
-    cli = main(demo_cli("fit", tmp_path / "logs", *args))
+    cli = main(demo_cli("fit", tmp_path / "logs", *args, "--trainer.logger.init_args.save_dir=logs"))
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=True)
     config = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
@@ -141,6 +141,11 @@ def test_a_run_given_relative_paths_works_from_any_directory(demo_cli, tiny_sd, 
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"base_model: {cli.model.hparams.pretrained_model_name_or_path}\n" in card
     assert "## Caption words" in card  # the training captions were found again
+    # The run's config.yaml resumes into the same logs/<name> from elsewhere, and `last` finds its checkpoint.
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(work / "logs")
+    resumed = main(["fit", "--config", str(Path(cli.trainer.log_dir) / "config.yaml"), "--trainer.max_steps=3",
+                    "--ckpt_path=last"])  # fmt: skip
+    assert Path(resumed.trainer.log_dir).parent == Path(cli.trainer.log_dir).parent and resumed.trainer.global_step == 3
 
     # A checkpoint of an older version, which kept the paths as given: resuming it with the same relative config
     # from the same directory reports no changed setting.

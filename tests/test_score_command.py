@@ -245,6 +245,7 @@ def test_checkpoint_and_its_exported_lora_give_the_same_images(trained, demo_pho
         ("junk_lora", "not a readable safetensors file"),
         ("lora_base_gone", "gone-sd: no such file or folder; give a diffusers folder"),
         ("ckpt_base_gone", "the run's base model /moved/sd: no such file or folder; pass --base with where"),
+        ("out_is_photos", "is the photo folder (--photos); the files scoring writes would break training"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, says, faces, tmp_path, capsys):
@@ -266,6 +267,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, says, faces, tmp_path, c
         "junk_lora": ["--lora", junk, "--base", "any/model", *common, "--out", tmp_path / "out"],
         "lora_base_gone": ["--lora", junk, "--base", tmp_path / "gone-sd", *common, "--out", tmp_path / "out"],
         "ckpt_base_gone": ["--ckpt", tmp_path / "run.ckpt", *common, "--out", tmp_path / "out"],
+        "out_is_photos": ["--images", images, *common, "--out", faces.photos],
     }[case]
     # A checkpoint of a run whose base model has moved since (read_checkpoint's minimum: hparams and LoRA tensors).
     torch.save(
@@ -276,11 +278,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, says, faces, tmp_path, c
 
         (images / "img0.png").unlink(), (images / "img1.png").unlink()
         save_images(images, [Image.new("RGB", (32, 32))] * 2, ["one", "a cat"])
-    before = sorted(p.name for p in tmp_path.rglob("*"))
+    before = sorted(p.name for p in [*tmp_path.rglob("*"), *Path(faces.photos).iterdir()])
     code, out, err = run(capsys, *argv)
     assert code == 2 and err.startswith("error: ") and says in err.splitlines()[0], err
     assert "Traceback" not in err and "usage:" not in err and len(err.splitlines()) <= 2 and not out
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no scores, no cache, no output folder
+    assert sorted(p.name for p in [*tmp_path.rglob("*"), *Path(faces.photos).iterdir()]) == before  # nothing written
 
 
 def test_image_names_map_to_prompt_lines(tmp_path):
