@@ -253,7 +253,9 @@ class IdentityValidation(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._outputs:
-            stage = "val" if trainer.validating else "test"
+            # `validate` of a checkpoint writes into its run: its own folder and tags, beside fit's validation/
+            # and val/* (which it would overwrite, and add a second point at that step to each curve).
+            stage = "validate" if trainer.validating else "test"
             seconds = time.perf_counter() - self._started
             self._report(trainer, self._outputs, stage, seconds, log_dir(trainer), pl_module.loaded_step)
         self._outputs = []

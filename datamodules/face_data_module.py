@@ -57,8 +57,8 @@ class FaceDataModule(L.LightningDataModule):
         cache_dir: latent and face-box cache folder; default ``~/.cache/likeness/latents``.
         skip_bad_files: train on the good pairs and log the bad files, instead of stopping with the list.
         validation_prompts: a text file with one prompt per line, or a list of prompts.
-        num_validation_prompts: how many of them (the first ones) to generate during ``fit`` (HW: 3);
-            ``None`` for all. ``validate`` and ``test`` use all.
+        num_validation_prompts: how many of them (the first ones) ``fit`` and ``validate`` generate (HW: 3);
+            ``None`` for all. ``test`` uses all.
         validation_batch_size: prompts generated together; default: all at once (on a GPU that runs out of
             memory, halved until it fits).
         predict_prompts: prompts for ``predict`` (file or list); default: the validation prompts.
@@ -235,10 +235,11 @@ class FaceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # During fit the IdentityValidation callback generates on its own schedule (every N optimizer steps);
-        # Lightning's validation loop serves the `validate` subcommand, with all prompts.
+        # Lightning's validation loop serves the `validate` subcommand, with the prompts fit validates with (a
+        # checkpoint re-scored as its run scored it; `test` takes all of them).
         if self.trainer is not None and self.trainer.state.fn == "fit":
             return []
-        return self.prompt_loader(self.validation_prompt_list(all_prompts=True))
+        return self.prompt_loader(self.validation_prompt_list())
 
     def test_dataloader(self) -> DataLoader:
         prompts = self.validation_prompt_list(all_prompts=True)
