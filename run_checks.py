@@ -48,6 +48,7 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
     from datamodules.data_settings import check_crop_and_captions, check_prior_settings, read_prompts
     from datamodules.folder_scan import load_pairs
 
+    _check_numbers(subcommand, config)
     data = config["data"]
     crop_settings = ("crop", "center_crop", "face_margin", "face_scale_jitter", "caption_template", "caption_dropout")
     with warnings.catch_warnings():  # a deprecation warning comes once, from the data module
@@ -98,6 +99,30 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
                 f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
                 "optimizer for a GPU with little memory."
             )
+
+
+def _check_numbers(subcommand: str, config: Namespace) -> None:
+    """Numbers that would run without a word and do nothing (0 steps), too much (validate every step) or fail late,
+    after the base model loaded, under a name that is not the setting's (a negative learning rate)."""
+    trainer = config["trainer"]
+    if subcommand == "fit":
+        for key in ("max_steps", "max_epochs"):
+            if trainer.get(key) == 0:
+                raise ValueError(
+                    f"trainer.{key} 0: the run would train nothing. Give the number of "
+                    f"{key.removeprefix('max_')} to train (or -1 for no limit on {key.removeprefix('max_')})."
+                )
+    every = (config.get("validation") or {}).get("every_n_steps")
+    if every is not None and every < 0:
+        raise ValueError(
+            f"validation.every_n_steps {every}: give the number of optimizer steps between validations, or 0 to "
+            "validate only before the first step and at the end."
+        )
+    # model.text_encoder_lr is the module's own setting (lora_setup.check_settings); the optimizer's lr is not.
+    optimizer = plain(config["model"].get("optimizer"))
+    lr = (optimizer.get("init_args") or {}).get("lr") if isinstance(optimizer, dict) else None
+    if isinstance(lr, int | float) and not lr > 0:  # `not >` also catches NaN
+        raise ValueError(f"model.optimizer.init_args.lr {lr}: give a positive learning rate (SD1.5 LoRA: 1e-4).")
 
 
 def check_resume(ckpt_path: str, subcommand: str, config: Namespace) -> None:
