@@ -29,7 +29,7 @@ from callbacks.export_facts import (
     training_settings,
 )
 from callbacks.lora_ema import ema_settings
-from callbacks.run_folders import run_config
+from callbacks.run_folders import absolute_setting, run_config
 from datamodules.files import cannot_write
 from lightning_modules.finite import check_finite
 from lora_files.lora_formats import export_lora
@@ -85,6 +85,20 @@ def _captions(datamodule_hparams: dict[str, Any]) -> list[str]:
         return []
 
 
+def _check_base_model(ckpt_path: Path, checkpoint: dict[str, Any], base_model: str | None) -> None:
+    """A base model given as a path is there, or the error says which one and what to pass: found in a second,
+    not as a loader's error about ``model.pretrained_model_name_or_path``, a setting this command has not."""
+    from stable_diffusion.base_model import looks_like_path
+
+    base = base_model or str(checkpoint["hyper_parameters"]["pretrained_model_name_or_path"])
+    if looks_like_path(base) and not Path(base).expanduser().exists():
+        if base_model:
+            raise FileNotFoundError(f"--base-model {base}: no such file or folder; give the SD1.x model the run used.")
+        raise FileNotFoundError(
+            f"{ckpt_path}: the run's base model {base}: no such file or folder; pass --base-model with where it is now."
+        )
+
+
 def export_checkpoint(
     ckpt_path: str | Path,
     out: str | Path | None = None,
@@ -113,6 +127,9 @@ def export_checkpoint(
         raise ValueError(
             f"{folder}: cannot write the LoRA files there ({reason}); pass --out with a folder you can write to."
         )
+    _check_base_model(ckpt_path, checkpoint, base_model)
+    # Absolute, as a run saves it: the card and the kohya metadata name a path that means something elsewhere.
+    base_model = absolute_setting("pretrained_model_name_or_path", base_model) if base_model else None
     overrides = {"pretrained_model_name_or_path": base_model} if base_model else {}
     # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
     module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)

@@ -81,6 +81,7 @@ def training_settings(
     settings = scalars(module_hparams)
     settings |= {k: v for k, v in scalars(datamodule_hparams).items() if k not in settings}
     settings.pop("pretrained_model_name_or_path", None)  # the card lists it as the base model
+    settings.pop("resolution", None)  # and the resolution, as width×height
     # data.center_crop is the deprecated spelling of data.crop (false: random): the card gives the crop trained with,
     # not `center_crop: true` beside `crop: face`.
     if settings.pop("center_crop", True) is False and settings.get("crop") == "center":

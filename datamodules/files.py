@@ -32,15 +32,28 @@ def file_mode(folder: Path) -> int:
 
 def cannot_write(folder: Path) -> str | None:
     """Why no file can be created in ``folder`` (made if missing): ``"Read-only file system"``, ``"it is a file,
-    not a folder"``…; None if one can. Asked before slow work that ends by writing there."""
+    not a folder"``…; None if one can. Asked before slow work that ends by writing there, which may still fail:
+    the folders made to ask are removed again (a failed command leaves no empty folder behind)."""
     if folder.exists() and not folder.is_dir():
         return "it is a file, not a folder"
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         file_mode(folder)  # creates and removes a probe file
     except OSError as err:
         return err.strerror or str(err)
+    finally:
+        remove_empty(made)
     return None
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: what a command made and left unused."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or never made): it and the folders above it stay
+            break
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:

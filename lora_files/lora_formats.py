@@ -20,14 +20,15 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from datamodules.files import file_mode
+from datamodules.files import file_mode, remove_empty
 from lightning_modules.finite import check_finite
 from lora_files.kohya_lora import save_kohya_lora
 from lora_files.lora_adapter import ADAPTER_NAME, has_lora, lora_tensors, text_model_path
@@ -148,50 +149,63 @@ def export_lora(
     # disk never leaves a torn LoRA file under its final name, and files exported earlier stay as they were. Inside,
     # not beside: ``folder`` may be a mount point, or sit in a folder the user cannot write to, and a rename stays
     # atomic only within one filesystem.
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"{STAGING_PREFIX}*"):
-        if _abandoned(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
-    try:
-        diffusers_file = save_diffusers_lora(staging, unet, te, adapter_name=adapter_name)
-        kohya_file = save_kohya_lora(
-            staging / f"{name}.safetensors",
-            unet,
-            te,
-            base_model=base_model,
-            steps=steps,
-            resolution=resolution,
-            captions=captions,
-            settings=settings,
-            started_at=started_at,
-            adapter_name=adapter_name,
-        )
-        lora = {"unet": adapter_metadata(unet, adapter_name)}
-        if te is not None:
-            lora["text_encoder"] = adapter_metadata(te, adapter_name)
-        card = write_model_card(
-            staging,
-            name=name,
-            base_model=base_model,
-            settings=settings,
-            metrics=metrics,
-            steps=steps,
-            resolution=resolution,
-            captions=captions,
-            lora=lora,
-            diffusers_file=diffusers_file.name,
-            kohya_file=kohya_file.name,
-        )
-        staged = {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
-        files = {kind: folder / path.name for kind, path in staged.items()}
-        mode = file_mode(staging)  # safetensors writes 0o600
-        for kind, path in staged.items():
-            os.chmod(path, mode)
-            os.replace(path, files[kind])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _folder_for(folder):
+        for stale in folder.glob(f"{STAGING_PREFIX}*"):
+            if _abandoned(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+        try:
+            diffusers_file = save_diffusers_lora(staging, unet, te, adapter_name=adapter_name)
+            kohya_file = save_kohya_lora(
+                staging / f"{name}.safetensors",
+                unet,
+                te,
+                base_model=base_model,
+                steps=steps,
+                resolution=resolution,
+                captions=captions,
+                settings=settings,
+                started_at=started_at,
+                adapter_name=adapter_name,
+            )
+            lora = {"unet": adapter_metadata(unet, adapter_name)}
+            if te is not None:
+                lora["text_encoder"] = adapter_metadata(te, adapter_name)
+            card = write_model_card(
+                staging,
+                name=name,
+                base_model=base_model,
+                settings=settings,
+                metrics=metrics,
+                steps=steps,
+                resolution=resolution,
+                captions=captions,
+                lora=lora,
+                diffusers_file=diffusers_file.name,
+                kohya_file=kohya_file.name,
+            )
+            staged = {"diffusers": diffusers_file, "kohya": kohya_file, "model_card": card}
+            files = {kind: folder / path.name for kind, path in staged.items()}
+            mode = file_mode(staging)  # safetensors writes 0o600
+            for kind, path in staged.items():
+                os.chmod(path, mode)
+                os.replace(path, files[kind])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return files
+
+
+@contextmanager
+def _folder_for(folder: Path) -> Iterator[None]:
+    """``folder``, made if need be, and the folders made for it removed again if the export fails before a file
+    landed in them: a failed export leaves nothing behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        remove_empty(made)
+        raise
 
 
 def _abandoned(staging: Path) -> bool:

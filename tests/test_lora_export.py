@@ -191,7 +191,9 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
         assert meta == want_meta
     assert _read(folder / "me-step000002.safetensors")[0]["ss_steps"] == "2"
     # Same settings, steps, captions and base model; neither has validation metrics (none ran).
-    assert (folder / "README.md").read_text() == (callback_folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert card == (callback_folder / "README.md").read_text()
+    assert card.count("| resolution |") == 1 and "| resolution | 64x64 |" in card  # once, as width x height
 
 
 # Lightning lists every frozen weight a LoRA-only checkpoint lacks; expected, see LoRADiffusion.on_save_checkpoint.
@@ -250,14 +252,26 @@ def test_command_refuses_what_is_not_a_checkpoint(kind, cli_run, tmp_path, capsy
     assert says[kind] in err and str(paths[kind]) in err and "Traceback" not in err
 
 
-def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys):
+def test_command_base_model_that_moved(cli_run, tiny_sd, tmp_path, capsys, monkeypatch):
     moved = shutil.copytree(tiny_sd, tmp_path / "moved-sd")
     ckpt = cli_run / "checkpoints" / "last.ckpt"
-    export_main([str(ckpt), "--out", str(tmp_path / "out"), "--base-model", str(moved)])
+    monkeypatch.chdir(tmp_path)  # --base-model given relative: the card names it absolute, as a run saves it
+    export_main([str(ckpt), "--out", str(tmp_path / "out"), "--base-model", "moved-sd"])
     assert f"base_model: {moved}\n" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(SystemExit) as info:
         export_main([str(ckpt), "--out", str(tmp_path / "out2"), "--base-model", str(tmp_path / "gone")])
-    assert info.value.code == 2 and "gone: no such file or folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--base-model {tmp_path / 'gone'}: no such file or folder" in err
+    # A run whose base model has since moved: the error names the option that fixes it, not a training setting.
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["pretrained_model_name_or_path"] = str(tmp_path / "old-place")
+    torch.save(saved, tmp_path / "moved.ckpt")
+    with pytest.raises(SystemExit) as info:
+        export_main([str(tmp_path / "moved.ckpt"), "--out", str(tmp_path / "out3")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"the run's base model {tmp_path / 'old-place'}: no such file or folder; pass --base-model" in err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
 
 
 def test_command_says_when_the_output_folder_takes_no_files(cli_run, tmp_path, monkeypatch, capsys):
@@ -295,6 +309,10 @@ def test_command_says_when_the_output_folder_takes_no_files(cli_run, tmp_path, m
     err = capsys.readouterr().err
     assert info.value.code == 1 and "No space left on device" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Into folders it had to make: they go again with the failure.
+    with pytest.raises(SystemExit):
+        export_main([str(ckpt), "--out", str(tmp_path / "new" / "lora")])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
