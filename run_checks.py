@@ -49,6 +49,11 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
     from datamodules.folder_scan import load_pairs
 
     _check_numbers(subcommand, config)
+    if subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+        rank_zero_warn(
+            f"{subcommand} without --ckpt_path: this is the base model alone, no trained LoRA. To {subcommand} a "
+            "run, pass --ckpt_path with its checkpoint (or `last`)."
+        )
     data = config["data"]
     crop_settings = ("crop", "center_crop", "face_margin", "face_scale_jitter", "caption_template", "caption_dropout")
     with warnings.catch_warnings():  # a deprecation warning comes once, from the data module

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.export_facts import step_folder
+from callbacks.image_writer import generation_settings
 from callbacks.lora_ema import ema_weights
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
@@ -192,7 +193,8 @@ class IdentityValidation(L.Callback):
         step = trainer.global_step if step is None else step
         # Each validation, and each checkpoint tested, in its own step folder: a second test does not overwrite.
         folder = run_dir / ("validation" if stage == "val" else stage) / step_folder(step)
-        names = save_images(folder, images, prompts, stage, seeds if len(seeds) == len(images) else None)
+        settings = generation_settings(trainer.lightning_module, step)
+        names = save_images(folder, images, prompts, stage, seeds if len(seeds) == len(images) else None, settings)
         grid = prompt_grid(images, prompts, scores.labels(), scores.matches)
         scores.seconds = {"generate": seconds_generate, **scores.seconds}
         scores.seconds["total"] = seconds_generate + time.perf_counter() - started

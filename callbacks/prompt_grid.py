@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -72,8 +72,10 @@ def save_images(
     prompts: Sequence[str],
     stage: str = "val",
     seeds: Sequence[int] | None = None,
+    settings: Mapping[str, object] | None = None,
 ) -> list[Path]:
-    """Write ``valid_image_<i>.png`` (the HW's names) with the prompt (and seed) in each file's metadata.
+    """Write ``valid_image_<i>.png`` (the HW's names) with the prompt (and seed, and the generation ``settings``)
+    in each file's metadata.
 
     Images numbered past ``images`` that an earlier, longer run wrote into the same folder are removed: left there,
     the folder would hold more images than prompts (``likeness score --images`` refuses that). Only files this
@@ -82,7 +84,7 @@ def save_images(
     seeds = [None] * len(images) if seeds is None else seeds
     paths = []
     for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds, strict=True)):
-        metadata = {"prompt": prompt, "stage": stage} | ({} if seed is None else {"seed": seed})
+        metadata = {"prompt": prompt, "stage": stage} | ({} if seed is None else {"seed": seed}) | dict(settings or {})
         paths.append(save_png(folder / IMAGE_NAME.format(i), image, metadata))
     stale = len(images)
     while (folder / IMAGE_NAME.format(stale)).is_file():

@@ -15,7 +15,8 @@ from datamodules.image_caption_dataset import Crop
 
 
 def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
-    """Prompts from a list, or from a text file with one prompt per line (blank lines ignored)."""
+    """Prompts from a list, or from a text file with one prompt per line (blank lines and ``#`` comment lines
+    ignored, as kohya's sample-prompt files)."""
     if prompts is None:
         return []
     if isinstance(prompts, list):
@@ -30,7 +31,7 @@ def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"{setting}: prompt file {path} is not UTF-8 text ({err}).") from None
-    found = [line.strip().lstrip("\ufeff") for line in lines if line.strip().lstrip("\ufeff")]
+    found = [text for line in lines if (text := line.strip().lstrip("\ufeff")) and not text.startswith("#")]
     if not found:
         raise ValueError(
             f"{setting}: prompt file {path} has no prompts. Write one prompt per line, or set {setting}: null."

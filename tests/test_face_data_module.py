@@ -10,8 +10,8 @@ from datamodules.face_data_module import FaceDataModule
 
 def test_prompts_from_a_file_or_a_list(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("first prompt\n\n  second prompt  \nthird\n", encoding="utf-8")
-    assert read_prompts(str(path), "x") == ["first prompt", "second prompt", "third"]
+    path.write_text("# brad's prompts\nfirst prompt\n\n  second prompt  \n  # not this one\nthird\n", encoding="utf-8")
+    assert read_prompts(str(path), "x") == ["first prompt", "second prompt", "third"]  # comment lines skipped
     assert read_prompts(["a", " ", "b "], "x") == ["a", "b"]
     assert read_prompts(None, "x") == []
     with pytest.raises(FileNotFoundError, match="data.validation_prompts: prompt file .*nope.txt does not exist"):

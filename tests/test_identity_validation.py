@@ -139,7 +139,10 @@ def photo_generator(photos: Path):
 def test_validate_scores_like_the_hw_formula(args, demo_photos, tiny_clip, tmp_path, monkeypatch, caplog):
     generate, pairs = photo_generator(demo_photos)
     monkeypatch.setattr(LoRADiffusion, "generate", generate)
-    with caplog.at_level(logging.INFO):
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.warns(UserWarning, match="validate without --ckpt_path: this is the base"),
+    ):
         cli = main(args("validate", tmp_path))
     # validate scores the prompts fit validates with (data.num_validation_prompts: 3 of the demo's 4).
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()[:3]
@@ -295,7 +298,17 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     assert sorted(p.name for p in test_dir.glob("valid_image_*.png")) == images
     assert {"scores.json", "scores.csv", "grid.png"} <= {p.name for p in test_dir.iterdir()}  # as validation does
     assert json.loads((test_dir / "scores.json").read_text())["settings"]["scored"]["stage"] == "test"
+    # Each test image says how it was made, as predict's do.
+    made = Image.open(test_dir / "valid_image_0.png").text
+    assert made["prompt"] == prompts[0] and made["global_step"] == "1" and made["stage"] == "test"
+    assert made["num_inference_steps"] == "4" and made["base_model"] == test.model.hparams.pretrained_model_name_or_path
     out = tmp_path / "predicted"
+    out.mkdir()
+    # An earlier predict with more images left 002_00.png; a user's own 002_01.png is not ours to remove.
+    from callbacks.prompt_grid import save_png
+
+    save_png(out / "002_00.png", Image.new("RGB", (8, 8)), {"prompt": "old", "global_step": 7})
+    Image.new("RGB", (8, 8)).save(out / "002_01.png")
     main(
         args(
             "predict",
@@ -307,8 +320,10 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
             f"--data.data_dir={tmp_path / 'no-photos-needed'}",  # predict does not read the training photos
         )
     )
+    assert sorted(f.name for f in out.glob("*.png")) == ["000_00.png", "000_01.png", "001_00.png", "001_01.png",
+                                                        "002_01.png"]  # fmt: skip
+    (out / "002_01.png").unlink()
     files = sorted(out.glob("*.png"))
-    assert [f.name for f in files] == ["000_00.png", "000_01.png", "001_00.png", "001_01.png"]
     assert sorted(p.name for p in run.parent.iterdir()) == [run.name]  # predict made no run folder either
     meta = [Image.open(f).text for f in files]
     assert [m["prompt"] for m in meta] == ["a photo of eileen"] * 2 + ["eileen on the moon"] * 2
