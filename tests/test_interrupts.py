@@ -60,7 +60,18 @@ def test_second_ctrl_c_stops_at_once_with_the_shells_status(tmp_path):
     assert info.value.code == 128 + signal.SIGINT  # 130, as a shell reports Ctrl+C (Lightning's path gave 1)
 
 
-def test_ctrl_c_during_the_final_validation_saves_the_last_step_at_once(demo_cli, tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl+C handler, as in a shell: an earlier test in this process may have left Lightning's SIG_IGN
+    (its KeyboardInterrupt handling sets it and never puts the old one back)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_the_final_validation_saves_the_last_step_at_once(
+    demo_cli, tmp_path, monkeypatch, caplog, python_sigint
+):
     # max_steps no multiple of every_n_train_steps: last.ckpt comes only after the final validation. A Ctrl+C there
     # was ignored until the validation ended, and a second one (a user waiting minutes) left no checkpoint at all.
     import os
