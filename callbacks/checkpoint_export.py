@@ -134,7 +134,8 @@ def export_checkpoint(
     # The CLI's hyperparameters carry `_instantiator`, so the optimizer's class_path dict is rebuilt as well.
     module = LoRADiffusion.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True, **overrides)
     dm_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    trainer_config = run_config(ckpt_path).get("trainer") or {}
+    config = run_config(ckpt_path)
+    trainer_config = config.get("trainer") or {}
     groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
     callbacks = checkpoint.get("callbacks") or {}
     name = name or callbacks.get("LoraExport", {}).get("name") or FALLBACK_NAME
@@ -158,6 +159,7 @@ def export_checkpoint(
             max_steps=trainer_config.get("max_steps"),
             learning_rate=configured_learning_rate(groups[0]),
             prediction_type=module.noise_scheduler.config.prediction_type,
+            seed=config.get("seed_everything"),
         )
         # With EMA on, the checkpoint's state_dict is the EMA (callbacks/lora_ema.py): the card says so.
         | ema_settings(callbacks.get("LoraEMA")),

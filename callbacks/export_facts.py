@@ -57,6 +57,7 @@ def training_settings(
     max_steps: int | None = None,
     learning_rate: float | None = None,
     prediction_type: str | None = None,
+    seed: Any = None,
 ) -> dict[str, Any]:
     """Scalar hyperparameters of module and datamodule, plus trainer facts, as the model card lists them.
 
@@ -67,6 +68,7 @@ def training_settings(
         max_steps: Planned optimizer steps; ``None`` or ``-1`` leaves it out.
         learning_rate: The optimizer's learning rate.
         prediction_type: What the UNet predicts (the noise scheduler's ``prediction_type``).
+        seed: The run's ``seed_everything`` (kohya's ``ss_seed``); not an integer leaves it out.
     """
 
     def scalars(hparams: Any) -> dict[str, Any]:
@@ -93,6 +95,8 @@ def training_settings(
         settings["learning_rate"] = learning_rate
     if prediction_type is not None:
         settings["prediction_type"] = prediction_type
+    if str(seed).lstrip("-").isdigit() and not isinstance(seed, bool):
+        settings["seed"] = int(seed)
     return settings
 
 

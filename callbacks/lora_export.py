@@ -6,6 +6,7 @@ The same files from any checkpoint that ``train.py`` wrote, afterwards: ``likene
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +116,7 @@ class LoraExport(L.Callback):
             max_steps=trainer.max_steps,
             learning_rate=configured_learning_rate(groups[0]),
             prediction_type=getattr(getattr(pl_module, "noise_scheduler", None), "config", {}).get("prediction_type"),
+            seed=os.environ.get("PL_GLOBAL_SEED"),  # what seed_everything set
         ) | (ema.settings() if ema else {})
         with ema_weights(trainer):  # the EMA weights when EMA is on, as the checkpoint beside these files holds
             export_lora(

@@ -143,6 +143,8 @@ def kohya_metadata(
         ("seed", "ss_seed"),
         ("batch_size", "ss_batch_size_per_device"),
         ("lr_scheduler", "ss_lr_scheduler"),
+        ("learning_rate", "ss_unet_lr"),  # kohya's per-network rates: the UNet's is the optimizer's
+        ("text_encoder_lr", "ss_text_encoder_lr"),
     ):
         if key in settings:
             meta[ss_key] = str(settings[key])

@@ -189,7 +189,10 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
         for when in ("ss_training_finished_at", "modelspec.date"):  # the export's own time
             meta.pop(when, None), want_meta.pop(when, None)
         assert meta == want_meta
-    assert _read(folder / "me-step000002.safetensors")[0]["ss_steps"] == "2"
+    kohya_meta = _read(folder / "me-step000002.safetensors")[0]
+    assert kohya_meta["ss_steps"] == "2"
+    # The run's seed (configs/demo.yaml: seed_everything 1126) and its rate, as kohya records them.
+    assert (kohya_meta["ss_seed"], kohya_meta["ss_unet_lr"], kohya_meta["ss_learning_rate"]) == ("1126", "0.05", "0.05")
     # Same settings, steps, captions and base model; neither has validation metrics (none ran).
     card = (folder / "README.md").read_text()
     assert card == (callback_folder / "README.md").read_text()
