@@ -162,6 +162,14 @@ def check_resume(ckpt_path: str, subcommand: str, config: Namespace) -> None:
             "train. To train on, raise --trainer.max_steps (the learning-rate schedule then spans the new "
             "length; a warning shows how the rate changes)."
         )
+    max_epochs, epoch = config["trainer"].get("max_epochs"), int(checkpoint.get("epoch", 0))
+    # `epoch` counts the epochs completed when it was saved (a mid-epoch checkpoint has the running one's index).
+    steps_left = max_steps is None or max_steps < 0 or step < max_steps
+    if subcommand == "fit" and steps_left and isinstance(max_epochs, int) and 0 < max_epochs <= epoch:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} has trained {epoch} epoch{'s' * (epoch != 1)} (step {step}) and "
+            f"trainer.max_epochs is {max_epochs}: nothing is left to train. To train on, raise --trainer.max_epochs."
+        )
     conflicts, changes = [], []
     for section, saved in (
         ("model", checkpoint.get("hyper_parameters", {})),

@@ -84,6 +84,15 @@ def test_finished_run_cannot_be_resumed_and_extending_says_what_the_schedule_doe
     with pytest.raises(SystemExit) as info:
         main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=4", f"--ckpt_path={last}"))
     assert info.value.code == 2 and "nothing is left to train" in capsys.readouterr().err
+    # The same when epochs end the run (4 photos, batch 1: 4 steps an epoch): no new run folder, no LoRA export.
+    by_epochs = ["--trainer.max_steps=-1", "--trainer.max_epochs=1"]
+    done = main(demo_cli("fit", tmp_path / "epochs", *common, *by_epochs))
+    assert done.trainer.global_step == 4
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path / "epochs", *common, *by_epochs, "--ckpt_path=last"))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "has trained 1 epoch (step 4) and trainer.max_epochs is 1: nothing is" in err
+    assert [p.name for p in (tmp_path / "epochs" / "demo").iterdir()] == ["version_0"]
 
     with pytest.warns(UserWarning, match="planned 4") as record:
         longer = main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=8", f"--ckpt_path={last}"))
