@@ -211,6 +211,18 @@ def short_help(subcommand: str | None) -> str:
     return "\n".join(lines)
 
 
+def unknown_subcommand(word: str) -> NoReturn:
+    """A mistyped command (``likeness scor``): the nearest one and the list, not argparse's guess at an option."""
+    guess = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.6)
+    hint = f"  did you mean `likeness {guess[0]}`?\n" if guess else ""
+    print(
+        f"error: unknown command {word!r}; the commands are {', '.join(SUBCOMMANDS)}\n{hint}"
+        "(`likeness --help` says what each does)",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``likeness`` console script (and of ``python train.py``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -223,6 +235,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
         prefetch_main(argv[1:])
         return
+    if subcommand is None and argv and not argv[0].startswith("-"):
+        unknown_subcommand(argv[0])
     if subcommand is None and (not argv or argv[0] in ("-h", "--help")):
         print(short_help(None))
         raise SystemExit(0 if argv else 2)

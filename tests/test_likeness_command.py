@@ -125,3 +125,12 @@ def test_a_disk_failing_under_a_run_says_what_is_kept_and_how_to_go_on(capsys, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"{os.strerror(code)}: '/runs/demo/version_0/events.out.tfevents'" in err
     assert ("continue with --ckpt_path last" in err) == hint, err
+
+
+@pytest.mark.parametrize(("word", "guess"), [("scor", "score"), ("fitt", "fit"), ("vaildate", "validate"), ("x", None)])
+def test_a_mistyped_command_gets_the_nearest_command_not_an_option(capsys, word, guess):
+    """argparse answered `likeness scor` with 'did you mean --validation?' and listed only LightningCLI's four."""
+    code, out, err = run_cli(capsys, word)
+    assert code == 2 and not out and "--validation" not in err
+    assert all(name in err.splitlines()[0] for name in SUBCOMMANDS)
+    assert (f"did you mean `likeness {guess}`?" in err) == (guess is not None)
