@@ -150,6 +150,15 @@ class FaceDataModule(L.LightningDataModule):
                 caption_dropout=hp.caption_dropout,
             )
             rank_zero_info(f"Training on {len(self.pairs)} image-caption pairs from {hp.data_dir}")
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            per_rank = -(-len(self.pairs) // world_size)
+            if hp.batch_size > per_rank:
+                # The loader keeps its last, short batch (drop_last=False), so every step is that one short batch.
+                rank_zero_warn(
+                    f"data.batch_size {hp.batch_size} is more than the {per_rank} photo(s) each device gets from "
+                    f"{hp.data_dir}: every step trains on those {per_rank}. Set data.batch_size to {per_rank} or less "
+                    "(or add photos) to make it say what runs."
+                )
 
     def _prior_prompts_for(self, model: L.LightningModule | None) -> list[str]:
         """The regularisation prompts if the model trains prior preservation; a weight without prompts fails."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from datamodules.data_settings import read_prompts
@@ -89,3 +91,19 @@ def test_faces_are_found_only_when_the_crop_or_the_loss_needs_them(demo_photos, 
         assert ("face_mask" in dm.train_dataset[0]) == mask
     assert len(list((tmp_path / "face_boxes").glob("*.json"))) == len(dm.pairs)  # detected once, then reused
     assert (dm.face_report.reused, dm.face_report.encoded) == (len(dm.pairs), 0)
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_a_batch_larger_than_the_photos_is_reported(demo_photos, tiny_tokenizer, batch_size):
+    """A short data set and a large batch: every step is the one short batch; the user is told, not left to guess."""
+    dm = FaceDataModule(data_dir=str(demo_photos), resolution=32, batch_size=batch_size)
+    dm.tokenizer = tiny_tokenizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    said = [str(w.message) for w in caught if "data.batch_size" in str(w.message)]
+    photos = len(dm.pairs)
+    assert 2 <= photos < 64
+    assert len(said) == (batch_size > photos)
+    assert all(s.startswith(f"data.batch_size 64 is more than the {photos} photo(s)") for s in said)
+    assert len(next(iter(dm.train_dataloader()))["caption"]) == min(batch_size, photos)
