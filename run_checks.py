@@ -130,6 +130,21 @@ def _check_numbers(subcommand: str, config: Namespace) -> None:
         raise ValueError(f"model.optimizer.init_args.lr {lr}: give a positive learning rate (SD1.5 LoRA: 1e-4).")
 
 
+def epochs_done(checkpoint: dict) -> int:
+    """The epochs a checkpoint has trained to their end, from its loop counters.
+
+    Not its ``epoch`` field: a save at an epoch's last batch (every periodic one of brad.yaml's) has the running
+    epoch's index, one too few, and the ``last.ckpt`` of a run that stopped mid-epoch one too many (Lightning
+    counts the epoch finished before that save).
+    """
+    try:
+        fit_loop = checkpoint["loops"]["fit_loop"]
+        completed = int(fit_loop["epoch_progress"]["current"]["completed"])
+        return completed + bool(fit_loop["epoch_loop.batch_progress"]["is_last_batch"])
+    except (KeyError, TypeError, ValueError):  # no loop state (saved without a trainer's fit loop)
+        return int(checkpoint.get("epoch", 0))
+
+
 def check_resume(ckpt_path: str, subcommand: str, config: Namespace) -> None:
     """Refuse ``--ckpt_path`` when it is no likeness checkpoint, holds non-finite LoRA weights, has nothing left to
     train, or was trained with other LoRA-shaping settings (:data:`STRUCTURAL_SETTINGS`); warn of other changed
@@ -162,8 +177,7 @@ def check_resume(ckpt_path: str, subcommand: str, config: Namespace) -> None:
             "train. To train on, raise --trainer.max_steps (the learning-rate schedule then spans the new "
             "length; a warning shows how the rate changes)."
         )
-    max_epochs, epoch = config["trainer"].get("max_epochs"), int(checkpoint.get("epoch", 0))
-    # `epoch` counts the epochs completed when it was saved (a mid-epoch checkpoint has the running one's index).
+    max_epochs, epoch = config["trainer"].get("max_epochs"), epochs_done(checkpoint)
     steps_left = max_steps is None or max_steps < 0 or step < max_steps
     if subcommand == "fit" and steps_left and isinstance(max_epochs, int) and 0 < max_epochs <= epoch:
         raise ValueError(

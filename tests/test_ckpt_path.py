@@ -93,6 +93,20 @@ def test_finished_run_cannot_be_resumed_and_extending_says_what_the_schedule_doe
     err = capsys.readouterr().err
     assert info.value.code == 2 and "has trained 1 epoch (step 4) and trainer.max_epochs is 1: nothing is" in err
     assert [p.name for p in (tmp_path / "epochs" / "demo").iterdir()] == ["version_0"]
+    # Epochs are counted from the loop state, not the checkpoint's `epoch` field. A periodic save at an epoch's
+    # last batch has that epoch's index (0 here), yet nothing is left: it was resumed and wrote a new run folder.
+    periodic = main(demo_cli("fit", tmp_path / "periodic", *common, *by_epochs, "--checkpoint.every_n_train_steps=4"))
+    step4 = next((Path(periodic.trainer.log_dir) / "checkpoints").glob("step*4.ckpt"))
+    assert torch.load(step4, weights_only=True)["epoch"] == 0
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path / "periodic", *common, *by_epochs, f"--ckpt_path={step4}"))
+    assert info.value.code == 2 and "has trained 1 epoch (step 4)" in capsys.readouterr().err
+    # A run stopped by max_steps mid-epoch (step 6 of 8) has an epoch left, though its last.ckpt says epoch 2.
+    two_epochs = ["--trainer.max_epochs=2"]
+    mid = main(demo_cli("fit", tmp_path / "mid", *common, *two_epochs, "--trainer.max_steps=6"))
+    assert torch.load(Path(mid.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    on = main(demo_cli("fit", tmp_path / "mid", *common, *two_epochs, "--trainer.max_steps=7", "--ckpt_path=last"))
+    assert on.trainer.global_step == 7
 
     with pytest.warns(UserWarning, match="planned 4") as record:
         longer = main(demo_cli("fit", tmp_path, *common, "--trainer.max_steps=8", f"--ckpt_path={last}"))
