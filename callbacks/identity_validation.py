@@ -16,10 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.export_facts import step_folder
 from callbacks.image_writer import generation_settings
+from callbacks.interruptible import Interruptible
 from callbacks.lora_ema import ema_weights
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
-from callbacks.stop_checkpoint import Interruptible
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
@@ -149,10 +149,7 @@ class IdentityValidation(L.Callback):
         prompts = trainer.datamodule.validation_prompt_list()
         if not prompts:
             return
-        with Interruptible() as work:  # the first Ctrl+C stops a validation, so that the checkpoint comes now
-            better = self._generate_and_score(trainer, pl_module, prompts)
-        if work.interrupted:
-            better = False
+        better = self._generate_and_score(trainer, pl_module, prompts)
         # Every rank must take part in saving a checkpoint; rank 0 decided.
         if self.save_best and trainer.strategy.broadcast(better, src=0):
             trainer.save_checkpoint(checkpoint_dir(trainer) / "best_identity.ckpt")
@@ -164,8 +161,13 @@ class IdentityValidation(L.Callback):
             # wait for its decision at the broadcast): N GPUs validate in one GPU's time, not N times the work.
             return False
         started = time.perf_counter()
-        with ema_weights(trainer):  # the EMA weights when ema.decay is set, as best_identity.ckpt holds them
+        # The first Ctrl+C or SIGTERM stops the generating, so that the checkpoint comes now, not minutes later. The
+        # EMA swap stays outside: cut short there, the live weights would be lost to the checkpoint. Scoring and
+        # writing the images, seconds, are left to finish.
+        with ema_weights(trainer), Interruptible() as work:  # EMA weights if ema.decay is set, as best_identity.ckpt
             outputs = generate_restoring_state(pl_module, trainer.datamodule.prompt_loader(prompts))
+        if work.interrupted:
+            return False
         return bool(self._report(trainer, outputs, "val", time.perf_counter() - started, run_dir))
 
     @rank_zero_only
@@ -286,15 +288,16 @@ def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[
     modes = {module: module.training for module in pl_module.modules()}
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    pl_module.eval()
     try:
+        pl_module.eval()
         with torch.no_grad():
             return [pl_module.generate_batch(batch) for batch in loader]
     finally:
-        for module, training in modes.items():
-            module.train(training)
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        with Interruptible.shielded():  # a signal here would leave the RNG that the checkpoint saves half restored
+            for module, training in modes.items():
+                module.train(training)
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)

@@ -6,7 +6,8 @@ older than its last step (issue #8).
 Lightning turns SIGTERM into a ``SIGTERMException`` at the end of the running batch, when weights, optimizer and
 loop counters agree, and then exits with status 0 having saved nothing (issue #8). This callback treats the first
 Ctrl+C the same way (a second one stops at once), writes ``last.ckpt`` at that point, says where it is, and makes
-the exit status ``128 + signal`` as shells report it.
+the exit status ``128 + signal`` as shells report it. Either signal during a validation ends the validation there
+(:class:`callbacks.interruptible.Interruptible`), so that the checkpoint is written before a SIGKILL follows.
 
 Checkpoints saved once the epoch loop has ended (this one's at the end of training, ``best_identity.ckpt`` of the
 final validation) carry the loop counters of the last step's end, as a periodic save has them: by then Lightning
@@ -26,30 +27,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.interruptible import Interruptible, WorkInterrupted
 from callbacks.run_folders import checkpoint_dir
-
-
-class WorkInterrupted(BaseException):
-    """The first Ctrl+C, inside :class:`Interruptible` work. A BaseException, like KeyboardInterrupt, so that no
-    ``except Exception`` on the way swallows it."""
-
-
-class Interruptible:
-    """``with Interruptible() as work:`` runs work that the first Ctrl+C stops (a validation): the block ends
-    there, ``work.interrupted`` is set, and the checkpoint is saved right after instead of minutes later, when a
-    user would press again and lose it."""
-
-    active = 0
-
-    def __enter__(self) -> Interruptible:
-        Interruptible.active += 1
-        self.interrupted = False
-        return self
-
-    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
-        Interruptible.active -= 1
-        self.interrupted = isinstance(error, WorkInterrupted)
-        return self.interrupted
 
 
 class StopCheckpoint(L.Callback):
@@ -58,16 +37,19 @@ class StopCheckpoint(L.Callback):
 
     def __init__(self) -> None:
         self._signal: int | None = None
-        self._previous_sigint: Any = None
+        self._previous: dict[int, Any] = {}
         self._loops_at_step_end: dict[str, Any] | None = None
         self._epoch_ended = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._signal = None
-        try:
-            self._previous_sigint = signal.signal(signal.SIGINT, self._sigint(trainer))
-        except ValueError:  # not the main thread: leave Ctrl+C to Lightning
-            self._previous_sigint = None
+        # Lightning's SIGTERM handler is in place by now (the trainer registers it before the loop starts): ours
+        # calls it, and also stops a validation under way (``docker stop`` and Slurm kill a few seconds later).
+        for signum, handler in ((signal.SIGINT, self._sigint(trainer)), (signal.SIGTERM, self._sigterm(trainer))):
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave the signals to Lightning
+                break
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_ended = False
@@ -97,28 +79,49 @@ class StopCheckpoint(L.Callback):
                 raise SystemExit(128 + signum)
             self._signal = signum
             trainer._signal_connector.received_sigterm = True  # Lightning's own stop-after-this-batch path
-            if Interruptible.active:
+            if Interruptible.stoppable():
                 rank_zero_info("\nCtrl+C: validation stopped; a checkpoint is saved next (Ctrl+C again: stop at once).")
                 raise WorkInterrupted
             rank_zero_info("\nCtrl+C: a checkpoint is saved when this step ends (press Ctrl+C again to stop at once).")
 
         return handler
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _sigterm(self, trainer: L.Trainer):
+        lightning = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            if callable(lightning):
+                lightning(signum, frame)  # sets received_sigterm; tells the other ranks
+            trainer._signal_connector.received_sigterm = True
+            if self._signal is None:
+                self._signal = signum
+            if Interruptible.stoppable():
+                rank_zero_info("\nSIGTERM: validation stopped; a checkpoint is saved next.")
+                raise WorkInterrupted
+
+        return handler
+
+    def _restore_signals(self) -> None:
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signum, handler)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
-        periodic = trainer.checkpoint_callback
-        # ModelCheckpoint's own on_train_end saves only when it never saved a last.ckpt.
-        stale = isinstance(periodic, ModelCheckpoint) and periodic._last_global_step_saved != trainer.global_step
-        if stale and periodic.save_last:
-            self._save_last(trainer)
-        if self._signal is not None:  # Ctrl+C after the last step, in the final validation
+        # Our handlers stay while the checkpoint is written: a second Ctrl+C then stops with 130, not a traceback
+        # (the write is atomic: an older last.ckpt stays whole).
+        try:
+            periodic = trainer.checkpoint_callback
+            # ModelCheckpoint's own on_train_end saves only when it never saved a last.ckpt.
+            stale = isinstance(periodic, ModelCheckpoint) and periodic._last_global_step_saved != trainer.global_step
+            if stale and periodic.save_last:
+                self._save_last(trainer)
+        finally:
+            self._restore_signals()
+        if self._signal is not None:  # a signal after the last step, in the final validation
             path = checkpoint_dir(trainer) / "last.ckpt"
-            rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; checkpoint: {path}")
+            saved = f"checkpoint: {path}" if path.is_file() else "no last.ckpt (checkpoint.save_last is off)"
+            rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; {saved}")
             raise SystemExit(128 + self._signal)
 
     @staticmethod
@@ -134,11 +137,14 @@ class StopCheckpoint(L.Callback):
         return path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
         if not isinstance(exception, SIGTERMException) or not trainer.training:
+            self._restore_signals()
             return
         signum = self._signal or signal.SIGTERM
-        path = self._save_last(trainer)
+        try:
+            path = self._save_last(trainer)
+        finally:
+            self._restore_signals()
         rank_zero_info(
             f"Stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint saved: {path}\n"
             f"Resume with: --ckpt_path {path}"

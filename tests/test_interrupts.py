@@ -69,11 +69,15 @@ def python_sigint():
     signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_during_the_final_validation_saves_the_last_step_at_once(
-    demo_cli, tmp_path, monkeypatch, caplog, python_sigint
+@pytest.mark.parametrize(
+    ("signum", "save_last"), [(signal.SIGINT, True), (signal.SIGTERM, True), (signal.SIGINT, False)]
+)
+def test_a_signal_during_the_final_validation_saves_the_last_step_at_once(
+    demo_cli, tmp_path, monkeypatch, caplog, python_sigint, signum, save_last
 ):
     # max_steps no multiple of every_n_train_steps: last.ckpt comes only after the final validation. A Ctrl+C there
-    # was ignored until the validation ended, and a second one (a user waiting minutes) left no checkpoint at all.
+    # was ignored until the validation ended, and a second one (a user waiting minutes) left no checkpoint at all;
+    # a SIGTERM (docker stop, Slurm: SIGKILL seconds later) was not even reported: the run exited 0.
     import os
 
     from lightning_modules.lora_diffusion import LoRADiffusion
@@ -81,29 +85,107 @@ def test_ctrl_c_during_the_final_validation_saves_the_last_step_at_once(
     calls = []
     generate_batch = LoRADiffusion.generate_batch
 
-    def ctrl_c_while_generating(self, batch):
+    def signal_while_generating(self, batch):
         calls.append(self.trainer.global_step)
         if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
-            raise AssertionError("the Ctrl+C did not stop the validation")
+            os.kill(os.getpid(), signum)  # Python runs the handler before the next line
+            raise AssertionError("the signal did not stop the validation")
         return generate_batch(self, batch)
 
-    monkeypatch.setattr(LoRADiffusion, "generate_batch", ctrl_c_while_generating)
+    monkeypatch.setattr(LoRADiffusion, "generate_batch", signal_while_generating)
     args = ["--validation.baseline=false", "--validation.every_n_steps=0", "--trainer.max_steps=3"]
+    args += ["--checkpoint.every_n_train_steps=100", f"--checkpoint.save_last={str(save_last).lower()}"]
     with pytest.raises(SystemExit) as info:
-        main(demo_cli("fit", tmp_path, *args, "--checkpoint.every_n_train_steps=100"))
-    assert info.value.code == 128 + signal.SIGINT and calls == [3]
-    last = next(tmp_path.rglob("checkpoints/last.ckpt"))
-    assert torch.load(last, weights_only=True)["global_step"] == 3
+        main(demo_cli("fit", tmp_path, *args))
+    assert info.value.code == 128 + signum and calls == [3]
     said = caplog.text  # rank_zero_info: Lightning's logger
-    assert "validation stopped; a checkpoint is saved next" in said and f"checkpoint: {last}" in said
+    name = signal.Signals(signum).name
+    assert f"{'Ctrl+C' if signum == signal.SIGINT else name}: validation stopped" in said
+    if save_last:
+        last = next(tmp_path.rglob("checkpoints/last.ckpt"))
+        assert torch.load(last, weights_only=True)["global_step"] == 3
+        assert f"Stopped by {name} after the last step; checkpoint: {last}" in said
+    else:
+        assert not list(tmp_path.rglob("last.ckpt")) and "no last.ckpt (checkpoint.save_last is off)" in said
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl+C is Python's own again
+
+
+def test_a_signal_while_generation_restores_the_rng_lets_the_restore_finish(monkeypatch, python_sigint):
+    """The exception a handler raises lands between any two bytecodes: in the RNG restore it left torch's RNG as
+    the validation left it, and the checkpoint saved next held that state (a resume no longer exact)."""
+    import os
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from callbacks.identity_validation import generate_restoring_state
+    from callbacks.interruptible import Interruptible
+    from callbacks.stop_checkpoint import StopCheckpoint
+
+    class Drawing(torch.nn.Linear):
+        def generate_batch(self, batch):
+            return {"noise": torch.rand(4)}  # generating draws from the RNG
+
+    module = Drawing(2, 2)
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
+    set_state = np.random.set_state
+
+    def set_state_then_ctrl_c(state):
+        set_state(state)
+        os.kill(os.getpid(), signal.SIGINT)  # between NumPy's RNG restore and torch's
+
+    monkeypatch.setattr(np.random, "set_state", set_state_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, StopCheckpoint()._sigint(trainer))
+    try:
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        with Interruptible() as work:
+            outputs = generate_restoring_state(module, [0, 1])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not work.interrupted and len(outputs) == 2 and module.training
+    assert torch.equal(torch.get_rng_state(), before)
+    assert trainer._signal_connector.received_sigterm  # the run still stops, after this step
+
+
+def test_a_second_ctrl_c_while_last_ckpt_is_written_stops_with_130(python_sigint):
+    """The handlers were put back before the save: a second Ctrl+C there was Python's KeyboardInterrupt (a
+    traceback, exit 1)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.stop_checkpoint import StopCheckpoint
+
+    periodic = ModelCheckpoint(save_last=True)
+    trainer = SimpleNamespace(
+        _signal_connector=SimpleNamespace(received_sigterm=False), checkpoint_callback=periodic, global_step=3
+    )
+    stop = StopCheckpoint()
+    stop.on_train_start(trainer, None)
+    stop._signal = signal.SIGINT  # the first Ctrl+C came in the final validation
+
+    def second_ctrl_c(trainer):
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("not reached")
+
+    stop._save_last = second_ctrl_c
+    try:
+        stop.on_train_end(trainer, None)
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl+C reached Python's own handler (a traceback, exit 1)")
+    except SystemExit as stopped:
+        assert stopped.code == 128 + signal.SIGINT
+    else:
+        pytest.fail("on_train_end did not stop")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_first_ctrl_c_stops_interruptible_work_only(tmp_path):
     from types import SimpleNamespace
 
-    from callbacks.stop_checkpoint import Interruptible, StopCheckpoint
+    from callbacks.interruptible import Interruptible
+    from callbacks.stop_checkpoint import StopCheckpoint
 
     trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
     handler = StopCheckpoint()._sigint(trainer)
