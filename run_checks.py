@@ -69,6 +69,10 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
         check_prior_settings(float(config["model"].get("prior_loss_weight") or 0.0), plain(data.get("prior_prompts")))
     if subcommand == "predict" and data.get("predict_prompts") is not None:
         read_prompts(plain(data["predict_prompts"]), "data.predict_prompts")
+    if subcommand == "predict" and (out := (config.get("predict_writer") or {}).get("output_dir")):
+        from callbacks.image_writer import check_predict_folder
+
+        check_predict_folder(out, config.get("ckpt_path"))
     for section, given, default in (
         ("data", data.get("cache_dir"), default_cache_dir() / "latents"),
         ("validation", (config.get("validation") or {}).get("cache_dir"), default_cache_dir()),

@@ -22,16 +22,25 @@ def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
     if isinstance(prompts, list):
         return [p.strip() for p in prompts if p.strip()]
     path = Path(prompts).expanduser()
+    if path.is_dir():
+        listing = ", ".join(sorted(p.name for p in path.glob("*.txt"))[:3]) or "none"
+        raise ValueError(
+            f"{setting}: {path} is a folder; give the prompt file itself (.txt files there: {listing}), one prompt "
+            "per line."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"{setting}: prompt file {path} does not exist. Give a text file with one prompt per line, "
             "or a YAML list of prompts."
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise ValueError(f"{setting}: prompt file {path} is not UTF-8 text ({err}).") from None
-    found = [text for line in lines if (text := line.strip().lstrip("\ufeff")) and not text.startswith("#")]
+    # Lines end at \n, \r\n or \r only: str.splitlines also splits at U+2028, U+0085, \v, \f ..., which made two
+    # prompts of one and moved every later prompt's index, and so its seed and valid_image_<i> number.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    found = [prompt for line in lines if (prompt := " ".join(line.split())) and not prompt.startswith("#")]
     if not found:
         raise ValueError(
             f"{setting}: prompt file {path} has no prompts. Write one prompt per line, or set {setting}: null."

@@ -100,6 +100,12 @@ class FaceDataModule(L.LightningDataModule):
         )
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"data.num_workers {num_workers}: give 0 or more, or null for automatic.")
+        if num_validation_prompts is not None and num_validation_prompts < 1:
+            # 0 validated nothing without a word (no val/* curve, no best_identity.ckpt); -1 dropped the last prompt.
+            raise ValueError(
+                f"data.num_validation_prompts {num_validation_prompts}: give 1 or more, or null for every prompt. "
+                "To validate less often, raise validation.every_n_steps (0: only before the first step and at the end)."
+            )
         if validation_batch_size is not None and validation_batch_size < 1:
             raise ValueError(f"data.validation_batch_size {validation_batch_size}: give 1 or more, or null for all.")
         self.tokenizer: PreTrainedTokenizerBase | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import LoraConfig
 from transformers import CLIPTextModel
 
@@ -37,11 +38,35 @@ def check_settings(hp: Mapping[str, Any]) -> None:
             "model.lora_dropout must lie in [0, 1), model.num_inference_steps be 1 or more and "
             f"model.lr_warmup_steps 0 or more (given {lora_dropout}, {num_inference_steps}, {lr_warmup_steps})."
         )
+    check_generation_settings(hp)
     prior_loss_weight = hp["prior_loss_weight"]
     if not (prior_loss_weight >= 0 and math.isfinite(prior_loss_weight)):  # `not >=` also catches NaN
         raise ValueError(
             f"model.prior_loss_weight {prior_loss_weight}: give 0 (off) or a positive number (1.0: a "
             "regularisation prompt counts as much as a photo), with the prompts in data.prior_prompts."
+        )
+
+
+def check_generation_settings(hp: Mapping[str, Any]) -> None:
+    """``model.image_size`` and ``model.sampler`` failed only at the first image (after N training steps when the
+    baseline validation is off), under diffusers' words; a negative prompt does nothing without guidance."""
+    import diffusers
+
+    size, sampler = hp["image_size"], hp["sampler"]
+    if size is not None and not (size >= 8 and size % 8 == 0):
+        raise ValueError(
+            f"model.image_size {size}: give a positive multiple of 8 (SD1.5: 512), or null for the UNet's native size."
+        )
+    cls = getattr(diffusers, sampler, None) if sampler else diffusers.SchedulerMixin
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(
+            f"model.sampler {sampler}: not a diffusers scheduler class. Give a name like DPMSolverMultistepScheduler "
+            "or EulerAncestralDiscreteScheduler, or null for the base model's own."
+        )
+    if hp["negative_prompt"] and hp["guidance_scale"] <= 1:
+        rank_zero_warn(
+            f"model.negative_prompt is set, but model.guidance_scale is {hp['guidance_scale']}: without classifier-free "
+            "guidance (a scale above 1) diffusers ignores negative prompts. Raise the scale (7.5) to use it."
         )
 
 

@@ -158,6 +158,9 @@ SETTINGS = {
     "validate every -1 steps": setting("--validation.every_n_steps=-1", "validation.every_n_steps -1: give"),
     "rank 0": setting("--model.lora_rank=0", "model.lora_rank 0"),
     "dropout 1.5": setting("--model.lora_dropout=1.5", "model.lora_dropout must lie in"),
+    "image size 60": setting("--model.image_size=60", "model.image_size 60: give a positive multiple of 8"),
+    "unknown sampler": setting("--model.sampler=NoSuchScheduler", "model.sampler NoSuchScheduler: not a diffusers"),
+    "0 validation prompts": setting("--data.num_validation_prompts=0", "data.num_validation_prompts 0: give"),
     "0 sampling steps": setting("--model.num_inference_steps=0", "num_inference_steps be 1 or more"),
     "caption template without {caption}": setting("--data.caption_template=sks man", "data.caption_template"),
     "caption dropout 1": setting("--data.caption_dropout=1", "data.caption_dropout 1"),
@@ -308,3 +311,18 @@ def test_a_cache_dir_that_is_a_file_is_named_before_the_base_model_loads(demo_cl
         and "/no/model" not in err
     ), err
     assert a_file.read_text() == "mine"
+
+
+def test_a_negative_prompt_without_guidance_is_reported():
+    """diffusers uses the negative prompt only under classifier-free guidance (scale > 1): same pixels without it."""
+    import warnings
+
+    from lightning_modules.lora_setup import check_generation_settings
+
+    hp = {"image_size": 512, "sampler": "EulerDiscreteScheduler", "negative_prompt": "ugly", "guidance_scale": 1.0}
+    with pytest.warns(UserWarning, match="model.guidance_scale is 1.0: .* diffusers ignores negative prompts"):
+        check_generation_settings(hp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_generation_settings(hp | {"guidance_scale": 7.5})
+        check_generation_settings(hp | {"negative_prompt": ""})

@@ -21,6 +21,18 @@ def test_prompts_from_a_file_or_a_list(tmp_path):
     path.write_bytes(b"caf\xe9\n")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_prompts(str(path), "x")
+    with pytest.raises(ValueError, match=f"x: {tmp_path} is a folder; give the prompt file itself .*prompts.txt"):
+        read_prompts(str(tmp_path), "x")
+
+
+def test_prompt_lines_end_at_line_breaks_only(tmp_path):
+    """One prompt per line as an editor shows lines: a Unicode line separator inside a prompt made two of it, and
+    every later prompt moved (its seed, its valid_image_<i>); a BOM before an indented comment made it a prompt."""
+    path = tmp_path / "prompts.txt"
+    text = "\ufeff  # comment\r\neileen\u2028in a red hat\reileen\x85on the moon\x0bat night\n\x0c\nlast one\n"
+    path.write_text(text, encoding="utf-8", newline="")
+    prompts = read_prompts(str(path), "x")
+    assert prompts == ["eileen in a red hat", "eileen on the moon at night", "last one"]
 
 
 def test_loaders_serve_prompts_and_training_batches(demo_photos, tiny_tokenizer):

@@ -280,7 +280,7 @@ def test_grid_shows_each_verdict_under_its_image() -> None:
         assert (strip == 255).all(axis=1).any()  # white label text drawn on the strip
 
 
-def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
+def test_test_and_predict_write_their_files(args, demo_photos, tmp_path, capsys, caplog):
     fit = main(args("fit", tmp_path, "--trainer.max_steps=1", "--validation.baseline=false"))
     ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
     prompts = (demo_photos.parent / "validation_prompts.txt").read_text().splitlines()
@@ -304,22 +304,35 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path):
     assert made["num_inference_steps"] == "4" and made["base_model"] == test.model.hparams.pretrained_model_name_or_path
     out = tmp_path / "predicted"
     out.mkdir()
-    # An earlier predict with more images left 002_00.png; a user's own 002_01.png is not ours to remove.
+    from callbacks.image_writer import checkpoint_id
     from callbacks.prompt_grid import save_png
 
+    predict = [
+        "predict",
+        tmp_path,
+        f"--ckpt_path={ckpt}",
+        "--data.predict_prompts=[a photo of eileen, eileen on the moon]",
+        "--data.images_per_prompt=2",
+        f"--predict_writer.output_dir={out}",
+        f"--data.data_dir={tmp_path / 'no-photos-needed'}",  # predict does not read the training photos
+    ]
+    # Another checkpoint's predicted image is refused, not deleted or overwritten; a user's own 002_01.png is left.
     save_png(out / "002_00.png", Image.new("RGB", (8, 8)), {"prompt": "old", "global_step": 7})
     Image.new("RGB", (8, 8)).save(out / "002_01.png")
-    main(
-        args(
-            "predict",
-            tmp_path,
-            f"--ckpt_path={ckpt}",
-            "--data.predict_prompts=[a photo of eileen, eileen on the moon]",
-            "--data.images_per_prompt=2",
-            f"--predict_writer.output_dir={out}",
-            f"--data.data_dir={tmp_path / 'no-photos-needed'}",  # predict does not read the training photos
-        )
+    with pytest.raises(SystemExit) as info:
+        main(args(*predict))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "holds 1 image(s) predicted with another checkpoint (002_00.png)" in err, err
+    assert sorted(f.name for f in out.glob("*.png")) == ["002_00.png", "002_01.png"]
+    # An earlier predict of this checkpoint with more images left 002_00.png: it goes, and the log says so.
+    save_png(
+        out / "002_00.png",
+        Image.new("RGB", (8, 8)),
+        {"prompt": "old", "global_step": 1, "checkpoint_id": checkpoint_id(ckpt)},
     )
+    with caplog.at_level(logging.INFO):
+        main(args(*predict))
+    assert f"Removed 1 image(s) of an earlier predict of this checkpoint from {out}" in caplog.text
     assert sorted(f.name for f in out.glob("*.png")) == ["000_00.png", "000_01.png", "001_00.png", "001_01.png",
                                                         "002_01.png"]  # fmt: skip
     (out / "002_01.png").unlink()
