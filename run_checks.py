@@ -98,16 +98,23 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
         if validation.get("clip_model"):
             check_clip_available(validation["clip_model"])
         FaceModel(validation["face_model"], validation["face_detector"]).check()
+    accelerator = str(config["trainer"].get("accelerator") or "auto")
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = str(config["trainer"].get("precision"))
+    if not on_cuda and model.get("frozen_dtype") == "float16" and precision in ("16", "16-mixed"):
+        # CPU autocast runs group norm in float32 against the float16 weights: "mixed dtype (CPU)" at the first
+        # VAE encode, after the base model loaded.
+        raise ValueError(
+            f"model.frozen_dtype float16 with trainer.precision {precision} (configs/t4.yaml) runs on CUDA GPUs only, "
+            f"and this run is on the CPU (trainer.accelerator {accelerator}). Leave out configs/t4.yaml here."
+        )
     optimizer = str(class_path(config["model"].get("optimizer")) or "")
-    if optimizer.startswith("bitsandbytes."):
-        accelerator = str(config["trainer"].get("accelerator") or "auto")
-        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        if not on_cuda:
-            raise ValueError(
-                f"model.optimizer {optimizer}: bitsandbytes' 8-bit optimizers run on CUDA GPUs only, and this run "
-                f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
-                "optimizer for a GPU with little memory."
-            )
+    if optimizer.startswith("bitsandbytes.") and not on_cuda:
+        raise ValueError(
+            f"model.optimizer {optimizer}: bitsandbytes' 8-bit optimizers run on CUDA GPUs only, and this run "
+            f"trains on the CPU (trainer.accelerator {accelerator}). Use torch.optim.AdamW here; keep the 8-bit "
+            "optimizer for a GPU with little memory."
+        )
 
 
 def _check_numbers(subcommand: str, config: Namespace) -> None:

@@ -17,6 +17,8 @@ from PIL import Image
 
 from train import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def first_stem(photos: Path) -> str:
     return sorted(p.stem for p in photos.glob("*.txt"))[0]
@@ -234,6 +236,14 @@ def test_data_folder_is_checked_before_the_base_model_loads(demo_cli, tmp_path, 
         photos=tmp_path / "no-photos",
     )
     assert "no-photos" in err and "/no/such/model" not in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_t4_overlay_on_a_cpu_is_refused_before_loading(demo_cli, tmp_path, capsys):
+    # Each half alone runs on a CPU; together they stopped with a traceback at the first VAE encode.
+    args = ["--config", str(ROOT / "configs" / "t4.yaml"), "--model.pretrained_model_name_or_path=/no/such/model"]
+    err = run_bad(demo_cli, tmp_path, capsys, args)
+    assert "model.frozen_dtype float16 with trainer.precision 16-mixed (configs/t4.yaml) runs on CUDA" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
