@@ -23,6 +23,7 @@ import torch
 
 from callbacks.export_facts import (
     FALLBACK_NAME,
+    check_lora_name,
     configured_learning_rate,
     lora_file_stem,
     native_resolution,
@@ -120,6 +121,7 @@ def export_checkpoint(
     """
     from lightning_modules.lora_diffusion import LoRADiffusion
 
+    check_lora_name(name, "--name")
     ckpt_path = Path(ckpt_path).expanduser()
     checkpoint = read_checkpoint(ckpt_path)
     folder = Path(out).expanduser() if out else ckpt_path.parent / "lora" / ckpt_path.stem

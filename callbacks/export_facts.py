@@ -20,7 +20,16 @@ def run_name(trainer: L.Trainer) -> str:
     if logger is None:
         return FALLBACK_NAME
     version = logger.version
-    return f"{logger.name}-{f'v{version}' if isinstance(version, int) else version}"
+    name = f"{logger.name}-{f'v{version}' if isinstance(version, int) else version}"
+    # A logger name may hold folders (`brad/rank8`): one file name, as the card's <lora:...> tag must match it.
+    return name.replace("/", "-").replace("\\", "-").lstrip(".") or FALLBACK_NAME
+
+
+def check_lora_name(name: str | None, setting: str) -> None:
+    """A LoRA name is one plain file name: with a folder in it, the kohya file, its ``ss_output_name`` and the
+    card's ``<lora:...>`` tag disagreed, and A1111 found nothing."""
+    if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
+        raise ValueError(f"{setting} {name!r}: choose a plain file name (no folder, no leading dot), or leave it out.")
 
 
 def lora_file_stem(name: str, step: int) -> str:

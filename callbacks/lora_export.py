@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from callbacks.export_facts import (
+    check_lora_name,
     configured_learning_rate,
     kohya_ignored_modules,
     lora_file_stem,
@@ -56,8 +57,7 @@ class LoraExport(L.Callback):
 
     def __init__(self, name: str | None = None, on_checkpoint: bool = True) -> None:
         super().__init__()
-        if name is not None and (not name or "/" in name or "\\" in name or name.startswith(".")):
-            raise ValueError(f"export.name {name!r}: choose a plain file name (no folder), or leave it out.")
+        check_lora_name(name, "export.name")
         self.name = name
         self.on_checkpoint = on_checkpoint
         self._last_folder: Path | None = None

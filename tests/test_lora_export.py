@@ -319,9 +319,22 @@ def test_command_says_when_the_output_folder_takes_no_files(cli_run, tmp_path, m
 
 
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
-def test_export_name_that_is_no_file_name_is_refused(name):
+def test_export_name_that_is_no_file_name_is_refused(name, capsys, tmp_path):
     with pytest.raises(ValueError, match="export.name"):
         LoraExport(name=name)
+    # `likeness export --name "my lora/v1"` wrote v1-step*.safetensors and a card naming <lora:my lora/v1-step...>.
+    with pytest.raises(SystemExit) as info:
+        export_main([str(tmp_path / "any.ckpt"), "--name", name])
+    assert info.value.code == 2 and f"--name {name!r}: choose a plain file name" in capsys.readouterr().err
+
+
+def test_a_logger_name_with_folders_gives_one_file_name():
+    from types import SimpleNamespace
+
+    from callbacks.export_facts import run_name
+
+    trainer = SimpleNamespace(logger=SimpleNamespace(name="brad/rank8", version=2))
+    assert run_name(trainer) == "brad-rank8-v2"
 
 
 def test_default_names_differ_between_runs_and_steps(cli_run, demo_cli, tmp_path):
