@@ -38,7 +38,7 @@ class FolderScan:
     images_without_caption: list[Path] = field(default_factory=list)
     captions_without_image: list[Path] = field(default_factory=list)
     bad_files: list[tuple[Path, str]] = field(default_factory=list)
-    subfolder_images: int = 0  # photos in sub-folders, which are not read
+    subfolder_images: dict[Path, int] = field(default_factory=dict)  # photos per sub-folder, which are not read
 
     @property
     def problems(self) -> list[str]:
@@ -86,7 +86,7 @@ def scan_folder(folder: str | Path) -> FolderScan:
             f"Training data folder {folder} does not exist or is not a folder. "
             "Set data.data_dir to a folder of NAME.jpg|.png|.webp photos, each beside a NAME.txt caption."
         )
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX")
     images: dict[str, Path] = {}
     captions: dict[str, Path] = {}
     others: set[str] = set()
@@ -96,7 +96,8 @@ def scan_folder(folder: str | Path) -> FolderScan:
             scan.bad_files.append((path, "broken symbolic link"))
             others.add(path.stem)
         elif not path.is_file():
-            scan.subfolder_images += sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if found := _photos_below(path):
+                scan.subfolder_images[path] = found
         elif suffix in IMAGE_SUFFIXES:
             if path.stem in images:
                 scan.bad_files.append((path, f"a second image for caption {path.stem}.txt"))
@@ -127,14 +128,29 @@ def scan_folder(folder: str | Path) -> FolderScan:
     return scan
 
 
+def _photos_below(folder: Path) -> int:
+    """Photos anywhere below ``folder``; not hidden files or folders, nor a Mac zip's ``__MACOSX`` (its ``._NAME.jpg``
+    files are resource forks, not photos: moving them up made unreadable "photos")."""
+    count = 0
+    for path in folder.rglob("*"):
+        parts = path.relative_to(folder).parts
+        if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+            continue
+        count += path.suffix.lower() in IMAGE_SUFFIXES
+    return count
+
+
 def load_pairs(folder: str | Path, skip_bad_files: bool = False) -> list[Pair]:
     """The usable pairs of ``folder``; raise one error listing every problem unless ``skip_bad_files``."""
     scan = scan_folder(folder)
-    subfolders = (
-        f"{scan.subfolder_images} photo(s) are in sub-folders of {scan.folder}, which are not read: move them up."
-        if scan.subfolder_images
-        else ""
-    )
+    subfolders = ""
+    if scan.subfolder_images:
+        most = max(scan.subfolder_images, key=scan.subfolder_images.get)
+        subfolders = (
+            f"{sum(scan.subfolder_images.values())} photo(s) are in sub-folders of {scan.folder}, which are not read "
+            f"({most.name}/ holds {scan.subfolder_images[most]}): set data.data_dir to the folder that holds the "
+            f"photos (e.g. {most}), or move them up."
+        )
     if not scan.pairs:
         detail = f"\n{scan.report()}" if scan.problems else ""
         detail += f"\n{subfolders}" if subfolders else ""

@@ -92,3 +92,22 @@ def test_demo_photos_scan_clean(demo_photos, tmp_path):
     shutil.copytree(demo_photos, copy)
     (copy / "closeup.txt").unlink()
     assert [p.name for p in scan_folder(copy).images_without_caption] == ["closeup.jpg"]
+
+
+def test_a_mac_zip_unpacked_names_the_photo_folder_and_counts_no_resource_forks(tmp_path):
+    """A zip made on a Mac unpacks into Brad/ and __MACOSX/Brad/._*.jpg: the ._ files were counted as photos
+    (14 for 7) and the advice was to move them all up."""
+    brad, forks = tmp_path / "Brad", tmp_path / "__MACOSX" / "Brad"
+    brad.mkdir()
+    forks.mkdir(parents=True)
+    for i in range(3):
+        write_pair(brad, f"{i}")
+        (forks / f"._{i}.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (brad / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(brad / ".thumbnails" / "0.jpg")
+    with pytest.raises(DataFolderError) as info:
+        load_pairs(tmp_path)
+    message = str(info.value)
+    assert f"3 photo(s) are in sub-folders of {tmp_path}" in message and "(Brad/ holds 3)" in message, message
+    assert f"set data.data_dir to the folder that holds the photos (e.g. {brad})" in message
+    assert len(load_pairs(brad)) == 3
