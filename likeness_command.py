@@ -8,6 +8,7 @@ use torchvision), its weight-loading bars, and Lightning's product tips.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import errno
@@ -17,7 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -134,6 +135,31 @@ def reported_errors() -> Iterator[None]:
         raise SystemExit(2) from err
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse for ``likeness export`` and ``likeness score``: one-line errors (no usage block), and a mistyped
+    option named first, with the nearest one (argparse answered ``--imgs DIR`` with "--images is required")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        valid = [s for action in self._actions for s in action.option_strings]
+        for arg in argv:
+            if arg == "--":
+                break
+            option = arg.split("=", 1)[0]
+            if option.startswith("--") and option not in valid:
+                guess = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
+                self.error(f"unrecognized option {option}" + (f"; did you mean {guess[0]}?" if guess else ""))
+        return super().parse_args(argv, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class LikenessParser(LightningArgumentParser):
     """LightningCLI's parser with errors a newcomer can act on: no 100-line usage, the nearest valid setting.
 
@@ -151,6 +177,8 @@ class LikenessParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         # "--optimizer x" on the command line, "'optimizer.init_args.lr'" from a config file's top-level key
         hints = [f"  {moved}" for given, moved in MOVED.items() if re.search(rf"(--|'){given[2:]}\b", message)]
+        if "required" in message and "pretrained_model_name_or_path" in message:  # `likeness fit` alone
+            hints.append("  start from a config: --config configs/brad.yaml (HW10) or --config configs/demo.yaml")
         if "bitsandbytes" in message:
             hints.append("  8-bit optimizers need `pip install bitsandbytes` and a CUDA GPU")
         if not hints:

@@ -11,7 +11,6 @@ A1111, Forge) and ``README.md`` into ``<checkpoint dir>/lora/<checkpoint stem>/`
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 import zipfile
@@ -171,9 +170,10 @@ def export_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``CKPT [--out DIR] [--name NAME] [--base-model PATH]``; bad input exits 2 with one message."""
+    from likeness_command import CommandParser
     from stable_diffusion.base_model import BaseModelError
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="likeness export",
         description="Write the diffusers and kohya LoRA files and a model card from a likeness checkpoint.",
     )

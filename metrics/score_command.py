@@ -13,11 +13,9 @@ faceless count, and writes ``scores.json``, ``scores.csv`` and ``grid.png`` (see
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from callbacks.prompt_grid import prompt_grid, save_images
 from datamodules.files import default_cache_dir
@@ -191,22 +189,15 @@ class ScoreCommand:
         return images, seeds, {"lora": str(inputs.lora), "base": str(inputs.base), "steps": steps, "seed": seed}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's one-line errors (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (`likeness score --help` lists the options)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from likeness_command import CommandParser
+
+    p = CommandParser(
         prog="likeness score",
         description="Face distance, the person in n/N, CLIP score and faceless count of images against a person's "
         "photos; writes scores.json, scores.csv and grid.png.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", metavar="DIR", help="images to score: valid_image_<i>.png = prompt line i")

@@ -112,7 +112,13 @@ def test_score_subcommand_has_a_short_help_and_one_line_errors(capsys):
     assert code == 2 and not out and err.startswith("error: ") and len(err.splitlines()) == 1
     assert "--images" in err and "--ckpt" in err and "usage:" not in err
     code, _, err = run_cli(capsys, "score", "--images", "x", "--prompt", "p")  # no abbreviations, as fit
-    assert code == 2 and "unrecognized arguments: --prompt" in err
+    assert code == 2 and "unrecognized option --prompt; did you mean --prompts?" in err
+    # A mistyped option is named before any missing one (argparse said "--images is required" for --imgs).
+    code, _, err = run_cli(capsys, "score", "--imgs", "x")
+    assert code == 2 and err.startswith("error: unrecognized option --imgs; did you mean --images?"), err
+    code, _, err = run_cli(capsys, "export", "--hlep")
+    assert code == 2 and err.startswith("error: unrecognized option --hlep; did you mean --help?"), err
+    assert "usage:" not in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(("code", "hint"), [(errno.EROFS, True), (errno.ENOSPC, True), (errno.ENOENT, False)])
@@ -134,3 +140,8 @@ def test_a_mistyped_command_gets_the_nearest_command_not_an_option(capsys, word,
     assert code == 2 and not out and "--validation" not in err
     assert all(name in err.splitlines()[0] for name in SUBCOMMANDS)
     assert (f"did you mean `likeness {guess}`?" in err) == (guess is not None)
+
+
+def test_fit_without_a_config_is_pointed_at_one(capsys):
+    code, _, err = run_cli(capsys, "fit")
+    assert code == 2 and "start from a config: --config configs/brad.yaml" in err, err
