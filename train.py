@@ -100,7 +100,9 @@ class LikenessCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
             return
-        ckpt_path = str(resolve_checkpoint(str(ckpt_path), _runs_folder(self.config[subcommand]["trainer"])))
+        ckpt_path = str(
+            resolve_checkpoint(str(ckpt_path), _runs_folder(self.config[subcommand]["trainer"]), subcommand)
+        )
         self.config[subcommand]["ckpt_path"] = ckpt_path
         check_resume(ckpt_path, subcommand, self.config[subcommand])
 

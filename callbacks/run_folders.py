@@ -72,7 +72,7 @@ def run_folder_of(ckpt_path: Path) -> Path:
     return folder.parent if folder.name == "checkpoints" else folder
 
 
-def resolve_checkpoint(ckpt_path: str, runs_folder: Path) -> Path:
+def resolve_checkpoint(ckpt_path: str, runs_folder: Path, subcommand: str = "fit") -> Path:
     """The checkpoint file that ``--ckpt_path`` means, or a ``ValueError`` that says what to give instead.
 
     ``last``: the newest ``last.ckpt`` of the runs in ``runs_folder`` (``logs/<name>``); a folder: its ``last.ckpt``
@@ -101,6 +101,11 @@ def resolve_checkpoint(ckpt_path: str, runs_folder: Path) -> Path:
         raise ValueError(f"--ckpt_path {path} is a folder without last.ckpt; give one .ckpt file (found: {found}).")
     if not path.is_file():
         raise ValueError(f"--ckpt_path {path}: no such file. Give a .ckpt from a run's checkpoints/ folder.")
+    if path.suffix == ".safetensors" and subcommand != "fit":
+        raise ValueError(
+            f"--ckpt_path {path} is a LoRA file; {subcommand} takes a .ckpt from a run's checkpoints/ folder. To "
+            f"score a LoRA file: likeness score --lora {path} --base BASE_MODEL --photos DIR --prompts FILE."
+        )
     if path.suffix == ".safetensors":
         raise ValueError(
             f"--ckpt_path {path} is a LoRA file: it holds the weights but not the optimizer, schedule and data "

@@ -33,6 +33,18 @@ def test_last_and_folders_resolve(tmp_path):
     assert resolve_checkpoint(str(new), runs) == new
 
 
+def test_a_lora_file_given_to_validate_points_at_likeness_score(tmp_path):
+    # validate/test/predict resume nothing: "the optimizer ... a resume needs" was beside the point there.
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"{}")
+    with pytest.raises(ValueError, match="a resume needs"):
+        resolve_checkpoint(str(lora), tmp_path, "fit")
+    for subcommand in ("validate", "test", "predict"):
+        with pytest.raises(ValueError, match=f"{subcommand} takes a .ckpt .* likeness score --lora {lora}") as info:
+            resolve_checkpoint(str(lora), tmp_path, subcommand)
+        assert "resume" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("given", "message"),
     [
