@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,12 @@ class ScoreFiles:
         self.folder = Path(folder)
 
     def _relative(self, file: str | Path) -> str:
-        """A file's name as the rows give it: relative to the folder when inside it (the folder can move)."""
-        path = Path(file)
+        """A file's name as the rows give it: relative to the folder (which can then move with its images), with
+        ``..`` when outside it (``likeness score --out`` elsewhere: it was relative to the working directory)."""
+        path = Path(file).resolve()
         try:
-            return path.resolve().relative_to(self.folder.resolve()).as_posix()
-        except ValueError:
+            return Path(os.path.relpath(path, self.folder.resolve())).as_posix()
+        except ValueError:  # another drive (Windows): no relative path exists
             return str(path)
 
     @staticmethod

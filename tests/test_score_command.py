@@ -334,3 +334,18 @@ def test_demo_scoring_sets_tell_the_person_from_strangers(demo_photos, capsys):
         assert code == 0, err
         rates[name] = json.loads((folder / "scores.json").read_text())["identity_match_rate"]
     assert rates == {"person": 1.0, "strangers": 0.0}
+
+
+def test_csv_files_are_relative_to_the_csv_folder_also_outside_it(tmp_path, monkeypatch):
+    """`likeness score --images DIR --out OTHER` wrote paths relative to the working directory."""
+    from metrics.score_files import ScoreFiles
+
+    out, images = tmp_path / "scores", tmp_path / "run" / "test"
+    out.mkdir()
+    images.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run")
+    files = ScoreFiles(out)
+    assert files._relative(out / "valid_image_0.png") == "valid_image_0.png"
+    given = Path("test") / "valid_image_0.png"  # as the user typed it, from the working directory
+    assert files._relative(given) == "../run/test/valid_image_0.png"
+    assert (out / files._relative(given)).resolve() == (images / "valid_image_0.png").resolve()
