@@ -11,7 +11,7 @@ from typing import get_args
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.image_caption_dataset import Crop
+from datamodules.image_caption_dataset import Crop, cut_off
 
 
 def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
@@ -46,6 +46,17 @@ def read_prompts(prompts: str | list[str] | None, setting: str) -> list[str]:
             f"{setting}: prompt file {path} has no prompts. Write one prompt per line, or set {setting}: null."
         )
     return found
+
+
+def warn_of_long_prompts(tokenizer, prompts: list[str], setting: str) -> None:
+    """Said once, in words, before generating: diffusers says it for every image, as a list of token strings."""
+    if tokenizer is None or not (long := cut_off(tokenizer, prompts)):
+        return
+    index, lost = long[0]
+    rank_zero_warn(
+        f"{len(long)} prompt(s) of {setting} are longer than the text encoder's {tokenizer.model_max_length} "
+        f"tokens and are cut: their images ignore the rest (e.g. prompt {index} loses {lost!r}). Shorten them."
+    )
 
 
 def check_sizes(resolution: int, batch_size: int, images_per_prompt: int) -> None:

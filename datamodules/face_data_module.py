@@ -11,7 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.data_settings import check_crop_and_captions, check_prior_settings, check_sizes, read_prompts
+from datamodules.data_settings import (
+    check_crop_and_captions,
+    check_prior_settings,
+    check_sizes,
+    read_prompts,
+    warn_of_long_prompts,
+)
 from datamodules.encodings import prepare_encodings
 from datamodules.epoch_sampler import EpochSampler
 from datamodules.face_boxes import FaceBoxes, find_faces
@@ -125,6 +131,12 @@ class FaceDataModule(L.LightningDataModule):
             self.validation_prompt_list()  # a missing or broken prompt file fails now, not at step N
         if self.tokenizer is None and self.trainer is not None:
             self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if stage in ("fit", "validate", "test"):
+            warn_of_long_prompts(
+                self.tokenizer, self.validation_prompt_list(stage == "test"), "data.validation_prompts"
+            )
+        elif stage == "predict" and self.hparams.predict_prompts is not None:
+            warn_of_long_prompts(self.tokenizer, read_prompts(self.hparams.predict_prompts, ""), "data.predict_prompts")
         if stage == "fit" and self.train_dataset is None:
             if self.tokenizer is None:
                 raise RuntimeError("FaceDataModule needs the base model's tokenizer (model.tokenizer).")

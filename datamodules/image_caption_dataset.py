@@ -38,6 +38,14 @@ def load_rgb(path) -> Image.Image:
     return image.convert("RGB")  # grayscale, CMYK, YCbCr...
 
 
+def cut_off(tokenizer, texts: list[str]) -> list[tuple[int, str]]:
+    """``(index, what is cut)`` of each text longer than the text encoder reads (77 tokens for SD1.x's CLIP, start
+    and end included): diffusers' and kohya's scripts cut the rest, as likeness does."""
+    limit = tokenizer.model_max_length
+    full = tokenizer(texts, truncation=False, verbose=False).input_ids if texts else []
+    return [(i, tokenizer.decode(ids[limit - 1 : -1]).strip()) for i, ids in enumerate(full) if len(ids) > limit]
+
+
 @dataclass(frozen=True)
 class CropWindow:
     """The part ``box = (left, top, width, height)`` of the upright photo that fills the training square.
@@ -149,12 +157,11 @@ class ImageCaptionDataset(Dataset):
         # longer caption is cut, as in diffusers' and kohya's scripts (without max_token_length), so a trigger word
         # at its end never trains. Said once, with what is lost.
         limit = self.tokenizer.model_max_length
-        full = self.tokenizer(self.captions, truncation=False, verbose=False).input_ids
-        long = [(pair, ids) for pair, ids in zip(self.pairs, full, strict=True) if len(ids) > limit]
+        long = cut_off(self.tokenizer, self.captions)
         if not long:
             return
-        pair, ids = long[0]
-        lost = self.tokenizer.decode(ids[limit - 1 : -1]).strip()
+        index, lost = long[0]
+        pair = self.pairs[index]
         rank_zero_warn(
             f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and are cut: training never "
             f"sees the rest (e.g. {pair.image.with_suffix('.txt').name} loses {lost!r}). Shorten them, or put the "

@@ -119,3 +119,24 @@ def test_a_batch_larger_than_the_photos_is_reported(demo_photos, tiny_tokenizer,
     assert len(said) == (batch_size > photos)
     assert all(s.startswith(f"data.batch_size 64 is more than the {photos} photo(s)") for s in said)
     assert len(next(iter(dm.train_dataloader()))["caption"]) == min(batch_size, photos)
+
+
+def test_prompts_longer_than_the_text_encoder_reads_are_reported(demo_photos, tiny_tokenizer):
+    """Their images ignore the end (a trigger word, a setting); said once, in words, naming the setting."""
+    limit = tiny_tokenizer.model_max_length
+    long = "a photo of eileen " + " ".join(["smiling"] * limit) + " on the moon"
+    prompts = ["a photo of eileen", long]
+    dm = FaceDataModule(data_dir=str(demo_photos), validation_prompts=prompts, predict_prompts=[long, long])
+    dm.tokenizer = tiny_tokenizer
+    for stage, setting, index in (("validate", "data.validation_prompts", 1), ("predict", "data.predict_prompts", 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dm.setup(stage)
+        said = [str(w.message) for w in caught if "longer than the text encoder" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith(f"{2 - index} prompt(s) of {setting} are longer"), said
+        assert f"prompt {index} loses '" in said[0] and said[0].endswith("on the moon'). Shorten them.")
+    dm = FaceDataModule(data_dir=str(demo_photos), validation_prompts=prompts[:1])
+    dm.tokenizer = tiny_tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.setup("validate")
