@@ -16,6 +16,7 @@ PATH_SETTINGS = {
     "data": ("data_dir", "validation_prompts", "predict_prompts", "prior_prompts", "cache_dir"),
     "validation": ("clip_model", "cache_dir"),
     "predict_writer": ("output_dir",),
+    "checkpoint": ("dirpath",),  # a resume from another directory wrote its checkpoints elsewhere
 }
 # These may name no path at all (a Hub id like ``org/name``): made absolute only when such a path exists here.
 _HUB_OR_PATH = {"pretrained_model_name_or_path", "model_config", "clip_model"}

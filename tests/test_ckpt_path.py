@@ -193,3 +193,25 @@ def test_a_run_given_relative_paths_works_from_any_directory(demo_cli, tiny_sd, 
         warnings.simplefilter("always")
         main(demo_cli("fit", tmp_path / "logs", *args, "--trainer.max_steps=3", f"--ckpt_path={old}"))
     assert not [w for w in caught if "Settings differ" in str(w.message)]
+
+
+def test_every_path_setting_is_saved_absolute(tmp_path, monkeypatch):
+    """Each setting that names a file or folder, as a resume from another directory reads it from config.yaml."""
+    from jsonargparse import Namespace
+
+    from callbacks.run_folders import absolute_path_settings
+
+    monkeypatch.chdir(tmp_path)
+    config = Namespace(
+        checkpoint=Namespace(dirpath="ckpts"),
+        predict_writer=Namespace(output_dir="pictures"),
+        data=Namespace(data_dir="photos", cache_dir=None),
+        trainer=Namespace(default_root_dir="runs", logger=Namespace(init_args=Namespace(save_dir="logs"))),
+    )
+    absolute_path_settings(config)
+    assert config.checkpoint.dirpath == str(tmp_path / "ckpts")
+    assert config.predict_writer.output_dir == str(tmp_path / "pictures") and config.data.cache_dir is None
+    assert config.data.data_dir == str(tmp_path / "photos") and config.trainer.default_root_dir == str(
+        tmp_path / "runs"
+    )
+    assert config.trainer.logger.init_args.save_dir == str(tmp_path / "logs")
