@@ -73,12 +73,18 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
         from callbacks.image_writer import check_predict_folder
 
         check_predict_folder(out, config.get("ckpt_path"))
-    for section, given, default in (
-        ("data", data.get("cache_dir"), default_cache_dir() / "latents"),
-        ("validation", (config.get("validation") or {}).get("cache_dir"), default_cache_dir()),
+    for section, given, default, writers in (
+        ("data", data.get("cache_dir"), default_cache_dir() / "latents", ("fit",)),
+        # validate and test embed the photos' faces into it too
+        (
+            "validation",
+            (config.get("validation") or {}).get("cache_dir"),
+            default_cache_dir(),
+            ("fit", "validate", "test"),
+        ),
     ):
         folder = Path(given).expanduser() if given else default
-        if subcommand == "fit" and (reason := cannot_write(folder)):
+        if subcommand in writers and (reason := cannot_write(folder)):
             setting = f"{section}.cache_dir {given}" if given else f"the cache folder {folder} ({section}.cache_dir)"
             raise ValueError(f"{setting}: cannot write there ({reason}). Give a folder you can write to.")
     model = config["model"]

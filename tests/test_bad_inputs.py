@@ -336,3 +336,16 @@ def test_a_negative_prompt_without_guidance_is_reported():
         warnings.simplefilter("error")
         check_generation_settings(hp | {"guidance_scale": 7.5})
         check_generation_settings(hp | {"negative_prompt": ""})
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_check_the_face_cache_folder_before_loading(demo_cli, tmp_path, capsys, subcommand):
+    # They embed the photos' faces into validation.cache_dir as fit does; a file there failed after the model loaded.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    args = [f"--validation.cache_dir={a_file}", "--model.pretrained_model_name_or_path=/no/model"]
+    with pytest.raises(SystemExit) as info:
+        main(demo_cli(subcommand, tmp_path / "logs", *args))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"validation.cache_dir {a_file}: cannot write there" in err, err
+    assert "/no/model" not in err and a_file.read_text() == "mine"
