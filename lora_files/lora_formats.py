@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,7 +193,34 @@ def export_lora(
                 os.replace(path, files[kind])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    _warn_of_earlier_exports(folder, files["kohya"])
     return files
+
+
+def _warn_of_earlier_exports(folder: Path, kohya_file: Path) -> None:
+    """Kohya files of earlier exports into ``folder`` stay (it may be ComfyUI's ``models/loras``, full of a user's
+    LoRAs), but A1111 and ComfyUI list them beside this one, and the diffusers file and README.md now describe this
+    one alone: said, so that an older file is not taken for the new one."""
+    from safetensors import safe_open
+
+    earlier = []
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name in (kohya_file.name, DIFFUSERS_WEIGHT_NAME):
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+        except Exception:  # noqa: BLE001 - not a safetensors file likeness could have written: none of ours
+            continue
+        if "ss_output_name" in metadata and metadata.get("ss_output_name") == path.stem:
+            earlier.append(path.name)
+    if earlier:
+        warnings.warn(
+            f"{folder} also holds {len(earlier)} LoRA file(s) of earlier exports ({', '.join(earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}); {DIFFUSERS_WEIGHT_NAME} and README.md there describe "
+            f"{kohya_file.name} alone. Export into a folder of its own to keep them apart.",
+            stacklevel=3,
+        )
 
 
 @contextmanager

@@ -209,6 +209,14 @@ def test_exported_file_reproduces_the_checkpoint(cli_run, tiny_sd, tmp_path):
         "other-step000002.safetensors",
         "README.md",
     }
+    # Again under its own name: nothing to say. Under another: the earlier kohya file stays and is named.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(state_dict|Found keys|missing).*")
+        export_main([str(ckpt), "--out", str(tmp_path / "out"), "--name", "other"])
+    with pytest.warns(UserWarning, match=r"also holds 1 LoRA file\(s\) of earlier exports \(other-step000002"):
+        export_main([str(ckpt), "--out", str(tmp_path / "out"), "--name", "third"])
+    (tmp_path / "out" / "third-step000002.safetensors").unlink()
 
     module = LoRADiffusion.load_from_checkpoint(ckpt, map_location="cpu").eval()
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
