@@ -53,11 +53,14 @@ class FolderScan:
 
 def _read_caption(path: Path) -> tuple[str | None, str]:
     try:
-        text = path.read_bytes().decode("utf-8-sig").strip()  # -sig: a BOM (Windows editors) is not a caption token
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM (Windows editors) is not a caption token
     except UnicodeDecodeError:
         return None, "caption is not UTF-8 text"
     except OSError as err:
         return None, f"caption cannot be read ({err.strerror})"
+    # One line, single spaces: CLIP's tokenizer reads any whitespace run as one space, and the kohya metadata's tag
+    # counts and the model card then see the caption as training did (a CRLF inside made a tag "smiling\r\nin a park").
+    text = " ".join(text.split())
     return (text, "") if text else (None, "caption is empty")
 
 

@@ -111,3 +111,10 @@ def test_a_mac_zip_unpacked_names_the_photo_folder_and_counts_no_resource_forks(
     assert f"3 photo(s) are in sub-folders of {tmp_path}" in message and "(Brad/ holds 3)" in message, message
     assert f"set data.data_dir to the folder that holds the photos (e.g. {brad})" in message
     assert len(load_pairs(brad)) == 3
+
+
+def test_a_caption_over_several_lines_is_one_line(tmp_path):
+    """The tokenizer reads any whitespace run as one space; tag counts and the card must see what it reads."""
+    write_pair(tmp_path, "a", "a photo of eileen,\r\nsmiling\tin a park  \n")
+    (pair,) = load_pairs(tmp_path)
+    assert pair.caption == "a photo of eileen, smiling in a park"
