@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.atomic_checkpoint_io import AtomicCheckpointIO
@@ -30,6 +30,7 @@ from callbacks.lora_ema import LoraEMA
 from callbacks.lora_export import LoraExport
 from callbacks.non_finite_guard import NonFiniteGuard
 from callbacks.run_folders import DropEmptyRun, absolute_path_settings, resolve_checkpoint, run_folder_of
+from callbacks.step_lr_monitor import StepLearningRateMonitor
 from callbacks.step_progress import StepProgressBar
 from callbacks.stop_checkpoint import StopCheckpoint
 from callbacks.training_crops import TrainingCrops
@@ -83,7 +84,7 @@ class LikenessCLI(LightningCLI):
         parser.add_lightning_class_args(ImageWriter, "predict_writer")
         parser.add_lightning_class_args(LoraExport, "export")
         parser.add_lightning_class_args(TrainingCrops, "training_crops")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(StepLearningRateMonitor, "lr_monitor")
         # After validation and export: the last.ckpt saved at the end holds the final validation's metrics.
         parser.add_lightning_class_args(StopCheckpoint, "stop_checkpoint")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

@@ -236,3 +236,13 @@ def test_a_file_that_is_no_checkpoint_is_one_clear_error(demo_cli, tmp_path, cap
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "is not a likeness checkpoint" in err and "Traceback" not in err
+
+
+def test_the_learning_rate_is_one_point_per_step_with_gradient_accumulation(demo_cli, tmp_path):
+    """Lightning's monitor logged before every micro-batch: two points per step, at the same x."""
+    args = ["--validation.baseline=false", "--validation.every_n_steps=0", "--validation.at_end=false"]
+    args += ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.accumulate_grad_batches=2"]
+    cli = main(demo_cli("fit", tmp_path, *args, "--export.on_checkpoint=false"))
+    scalars = read_scalars(Path(cli.trainer.log_dir))
+    for tag in ("train/lr/unet", "train/lr/te"):
+        assert [step for step, _ in scalars[tag]] == [0, 1, 2], scalars[tag]
