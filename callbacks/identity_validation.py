@@ -20,6 +20,7 @@ from callbacks.interruptible import Interruptible
 from callbacks.lora_ema import ema_weights
 from callbacks.prompt_grid import prompt_grid, save_images
 from callbacks.run_folders import checkpoint_dir, log_dir
+from callbacks.stop_checkpoint import arm_signal_handlers
 from datamodules.files import default_cache_dir
 from datamodules.folder_scan import load_pairs
 from datamodules.image_caption_dataset import load_rgb
@@ -133,6 +134,7 @@ class IdentityValidation(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.baseline and trainer.global_step == 0:
+            arm_signal_handlers(trainer)  # StopCheckpoint's own on_train_start comes after this one
             self._validate_during_fit(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -159,6 +161,9 @@ class IdentityValidation(L.Callback):
         if not trainer.is_global_zero:
             # Rank 0 alone scores, so it alone generates (nothing in generation talks to the other ranks, which
             # wait for its decision at the broadcast): N GPUs validate in one GPU's time, not N times the work.
+            return False
+        if trainer.received_sigterm:  # a signal in the step before: the checkpoint comes first, not a validation
+            rank_zero_info(f"Validation at step {trainer.global_step} skipped: stopping (a signal came).")
             return False
         started = time.perf_counter()
         # The first Ctrl+C or SIGTERM stops the generating, so that the checkpoint comes now, not minutes later. The
@@ -291,13 +296,16 @@ def generate_restoring_state(pl_module: L.LightningModule, loader) -> list[dict[
     try:
         pl_module.eval()
         with torch.no_grad():
-            return [pl_module.generate_batch(batch) for batch in loader]
+            outputs = []
+            for batch in loader:
+                with Interruptible.region():  # a signal stops here; the restore below always runs whole
+                    outputs.append(pl_module.generate_batch(batch))
+            return outputs
     finally:
-        with Interruptible.shielded():  # a signal here would leave the RNG that the checkpoint saves half restored
-            for module, training in modes.items():
-                module.train(training)
-            random.setstate(rng[0])
-            np.random.set_state(rng[1])
-            torch.set_rng_state(rng[2])
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+        for module, training in modes.items():
+            module.train(training)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

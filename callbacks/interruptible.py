@@ -12,44 +12,40 @@ from typing import Any
 
 
 class WorkInterrupted(BaseException):
-    """Raised by a signal handler inside :class:`Interruptible` work. A BaseException, like KeyboardInterrupt, so
+    """Raised by a signal handler inside a :meth:`Interruptible.region`. A BaseException, like KeyboardInterrupt, so
     that no ``except Exception`` on the way swallows it."""
 
 
 class Interruptible:
-    """``with Interruptible() as work:`` runs work that a signal handler may stop by raising :class:`WorkInterrupted` (when
-    :meth:`stoppable`): the block ends
-    there and ``work.interrupted`` is set.
+    """``with Interruptible() as work:`` catches the stop of the work inside it: the block ends there and
+    ``work.interrupted`` is set.
 
-    The exception arrives between any two bytecodes of the work, so what must not be left half done (restoring
-    the RNG and the modules' modes after generating) runs :meth:`shielded`: a signal there lets it finish, and the
-    work ends normally; the trainer stops after it all the same.
+    A signal handler stops the work (raises :class:`WorkInterrupted`) only while it is in a :meth:`region`: the
+    exception lands between any two bytecodes, so the regions hold what may be cut short (generating a batch of
+    images), never what must not be left half done (restoring the RNG and the modules' modes afterwards).
     """
 
-    active = 0
-    shields = 0
+    regions = 0
 
     def __enter__(self) -> Interruptible:
-        Interruptible.active += 1
         self.interrupted = False
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
-        Interruptible.active -= 1
         self.interrupted = isinstance(error, WorkInterrupted)
         return self.interrupted
 
     @classmethod
     def stoppable(cls) -> bool:
-        """Whether a signal handler may raise :class:`WorkInterrupted` now: work runs, outside a shielded part."""
-        return cls.active > 0 and not cls.shields
+        """Whether a signal handler may raise :class:`WorkInterrupted` now: inside a region."""
+        return cls.regions > 0
 
     @classmethod
     @contextmanager
-    def shielded(cls) -> Iterator[None]:
-        """A part of the work that a signal does not cut short."""
-        cls.shields += 1
+    def region(cls) -> Iterator[None]:
+        """Work a signal may cut short; inside an ``Interruptible()`` block that catches the stop."""
         try:
+            cls.regions += 1  # inside the try: once it counts, the finally takes it back
             yield
         finally:
-            cls.shields -= 1
+            cls.regions -= 1

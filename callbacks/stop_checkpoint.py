@@ -42,6 +42,13 @@ class StopCheckpoint(L.Callback):
         self._epoch_ended = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.arm(trainer)
+
+    def arm(self, trainer: L.Trainer) -> None:
+        """Install the SIGINT and SIGTERM handlers for this fit, once: at the start of training, or before it by
+        work that comes first and must be stoppable (the baseline validation, :func:`arm_signal_handlers`)."""
+        if self._previous:
+            return
         self._signal = None
         # Lightning's SIGTERM handler is in place by now (the trainer registers it before the loop starts): ours
         # calls it, and also stops a validation under way (``docker stop`` and Slurm kill a few seconds later).
@@ -110,18 +117,21 @@ class StopCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Our handlers stay while the checkpoint is written: a second Ctrl+C then stops with 130, not a traceback
         # (the write is atomic: an older last.ckpt stays whole).
+        periodic = trainer.checkpoint_callback
+        ours = isinstance(periodic, ModelCheckpoint)
+        path = None
         try:
-            periodic = trainer.checkpoint_callback
             # ModelCheckpoint's own on_train_end saves only when it never saved a last.ckpt.
-            stale = isinstance(periodic, ModelCheckpoint) and periodic._last_global_step_saved != trainer.global_step
-            if stale and periodic.save_last:
-                self._save_last(trainer)
+            unsaved = not ours or periodic._last_global_step_saved != trainer.global_step
+            # After a signal the last step is saved whatever checkpoint.save_last says, as during training.
+            if unsaved and (self._signal is not None or (ours and periodic.save_last)):
+                path = self._save_last(trainer)
         finally:
             self._restore_signals()
         if self._signal is not None:  # a signal after the last step, in the final validation
-            path = checkpoint_dir(trainer) / "last.ckpt"
-            saved = f"checkpoint: {path}" if path.is_file() else "no last.ckpt (checkpoint.save_last is off)"
-            rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; {saved}")
+            if path is None:  # the periodic save had this step
+                path = Path(periodic._last_checkpoint_saved or checkpoint_dir(trainer) / "last.ckpt")
+            rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; checkpoint: {path}")
             raise SystemExit(128 + self._signal)
 
     @staticmethod
@@ -165,3 +175,10 @@ def _count_the_running_epoch(fit_loop: dict[str, Any]) -> None:
     for counts in fit_loop.get("epoch_progress", {}).values():
         if isinstance(counts, dict) and counts.get("started") == counts.get("processed") == counts.get("completed"):
             counts["ready"] = counts["started"] = counts["completed"] + 1
+
+
+def arm_signal_handlers(trainer: L.Trainer) -> None:
+    """Arm the run's :class:`StopCheckpoint` now, if it has one: for work before its ``on_train_start`` runs."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopCheckpoint):
+            callback.arm(trainer)

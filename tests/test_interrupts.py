@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -101,13 +102,51 @@ def test_a_signal_during_the_final_validation_saves_the_last_step_at_once(
     said = caplog.text  # rank_zero_info: Lightning's logger
     name = signal.Signals(signum).name
     assert f"{'Ctrl+C' if signum == signal.SIGINT else name}: validation stopped" in said
-    if save_last:
-        last = next(tmp_path.rglob("checkpoints/last.ckpt"))
-        assert torch.load(last, weights_only=True)["global_step"] == 3
-        assert f"Stopped by {name} after the last step; checkpoint: {last}" in said
-    else:
-        assert not list(tmp_path.rglob("last.ckpt")) and "no last.ckpt (checkpoint.save_last is off)" in said
+    # Saved also with checkpoint.save_last off, as a signal during training saves: "a checkpoint is saved next".
+    last = next(tmp_path.rglob("checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert f"Stopped by {name} after the last step; checkpoint: {last}" in said
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl+C is Python's own again
+
+
+@pytest.mark.parametrize("when", ["in the baseline", "in the step before a validation"])
+def test_a_signal_never_waits_for_a_validation(demo_cli, tmp_path, monkeypatch, caplog, python_sigint, when):
+    """The baseline ran before the handlers were installed (a SIGTERM waited for all of it, a Ctrl+C was Lightning's
+    exit 1); a signal in the step before a validation let the whole validation run before the checkpoint."""
+    import os
+
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    calls, steps = [], []
+    generate_batch, training_step = LoRADiffusion.generate_batch, LoRADiffusion.training_step
+
+    def signal_in_the_baseline(self, batch):
+        calls.append(self.trainer.global_step)
+        if when == "in the baseline" and len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("the signal did not stop the validation")
+        return generate_batch(self, batch)
+
+    def signal_in_step_two(self, batch, batch_idx):
+        steps.append(self.trainer.global_step)
+        if when != "in the baseline" and self.trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LoRADiffusion, "generate_batch", signal_in_the_baseline)
+    monkeypatch.setattr(LoRADiffusion, "training_step", signal_in_step_two)
+    args = [f"--validation.baseline={str(when == 'in the baseline').lower()}", "--validation.every_n_steps=2"]
+    args += ["--trainer.max_steps=6", "--checkpoint.every_n_train_steps=100", "--data.validation_batch_size=1"]
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *args))
+    assert info.value.code == 128 + signal.SIGTERM
+    last = next(tmp_path.rglob("checkpoints/last.ckpt"))
+    step = torch.load(last, weights_only=True)["global_step"]
+    if when == "in the baseline":
+        assert calls == [0] and "SIGTERM: validation stopped" in caplog.text and step <= 1
+    else:
+        assert calls == [] and step == 2 and "Validation at step 2 skipped: stopping" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_signal_while_generation_restores_the_rng_lets_the_restore_finish(monkeypatch, python_sigint):
@@ -189,10 +228,10 @@ def test_first_ctrl_c_stops_interruptible_work_only(tmp_path):
 
     trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
     handler = StopCheckpoint()._sigint(trainer)
-    with Interruptible() as work:
+    with Interruptible() as work, Interruptible.region():
         handler(signal.SIGINT, None)
         raise AssertionError("not reached")
-    assert work.interrupted and trainer._signal_connector.received_sigterm and Interruptible.active == 0
+    assert work.interrupted and trainer._signal_connector.received_sigterm and Interruptible.regions == 0
     with Interruptible() as work:
         pass
     assert not work.interrupted
