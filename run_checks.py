@@ -106,12 +106,14 @@ def check_before_loading(subcommand: str, config: Namespace) -> None:
         FaceModel(validation["face_model"], validation["face_detector"]).check()
     accelerator = str(config["trainer"].get("accelerator") or "auto")
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not on_cuda and not (mps and mps.is_available()))
     precision = str(config["trainer"].get("precision"))
-    if not on_cuda and model.get("frozen_dtype") == "float16" and precision in ("16", "16-mixed"):
+    if on_cpu and model.get("frozen_dtype") == "float16" and precision in ("16", "16-mixed"):
         # CPU autocast runs group norm in float32 against the float16 weights: "mixed dtype (CPU)" at the first
         # VAE encode, after the base model loaded.
         raise ValueError(
-            f"model.frozen_dtype float16 with trainer.precision {precision} (configs/t4.yaml) runs on CUDA GPUs only, "
+            f"model.frozen_dtype float16 with trainer.precision {precision} (configs/t4.yaml) does not run on a CPU, "
             f"and this run is on the CPU (trainer.accelerator {accelerator}). Leave out configs/t4.yaml here."
         )
     optimizer = str(class_path(config["model"].get("optimizer")) or "")

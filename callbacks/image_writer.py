@@ -36,7 +36,8 @@ def generation_settings(pl_module: L.LightningModule, step: int) -> dict[str, ob
 
 
 def checkpoint_id(ckpt_path: str | Path | None) -> str:
-    """Which checkpoint made a predicted image, without writing its path (a user name) into shared pictures."""
+    """Which checkpoint file made a predicted image, without writing its path (a user name) into shared pictures.
+    With the step (``global_step`` beside it): a ``last.ckpt`` overwritten by a longer run is another checkpoint."""
     if not ckpt_path:
         return "base model"
     return hashlib.sha256(str(Path(ckpt_path).resolve()).encode()).hexdigest()[:16]
@@ -44,7 +45,8 @@ def checkpoint_id(ckpt_path: str | Path | None) -> str:
 
 def earlier_predictions(folder: Path) -> dict[Path, str | None]:
     """The images a likeness predict wrote into ``folder`` (named as it names them, with its prompt and step in
-    the PNG's text), each with the :func:`checkpoint_id` it records (None: an older version recorded none)."""
+    the PNG's text), each with ``<checkpoint_id>@<step>`` of the checkpoint that made it (None: an older likeness
+    recorded no id)."""
     found: dict[Path, str | None] = {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not PREDICT_NAME.fullmatch(path.name):
@@ -55,8 +57,18 @@ def earlier_predictions(folder: Path) -> dict[Path, str | None]:
         except OSError:
             continue
         if {"prompt", "global_step"} <= set(text):
-            found[path] = text.get("checkpoint_id")
+            found[path] = text.get("checkpoint_id") and f"{text['checkpoint_id']}@{text['global_step']}"
     return found
+
+
+def checkpoint_step(ckpt_path: str | Path | None) -> int:
+    """The step a checkpoint file was saved at (0: the base model alone)."""
+    if not ckpt_path:
+        return 0
+    import torch
+
+    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+    return int(checkpoint.get("global_step", 0))
 
 
 def check_predict_folder(output_dir: str | Path, ckpt_path: str | Path | None) -> None:
@@ -65,13 +77,13 @@ def check_predict_folder(output_dir: str | Path, ckpt_path: str | Path | None) -
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"predict_writer.output_dir {folder}: is a file, not a folder. Give a folder for the images.")
-    this = checkpoint_id(ckpt_path)
+    this = f"{checkpoint_id(ckpt_path)}@{checkpoint_step(ckpt_path)}"
     others = [path.name for path, made_by in earlier_predictions(folder).items() if made_by != this]
     if others:
         listing = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise ValueError(
             f"predict_writer.output_dir {folder}: holds {len(others)} image(s) predicted with another checkpoint "
-            f"({listing}); the new ones would replace some and mix with the rest. Give a new or empty folder, or "
+            f"or another step of it, or by an older likeness ({listing}); the new ones would replace some and mix with the rest. Give a new or empty folder, or "
             "move those images away."
         )
 

@@ -135,8 +135,11 @@ class FaceDataModule(L.LightningDataModule):
             warn_of_long_prompts(
                 self.tokenizer, self.validation_prompt_list(stage == "test"), "data.validation_prompts"
             )
-        elif stage == "predict" and self.hparams.predict_prompts is not None:
-            warn_of_long_prompts(self.tokenizer, read_prompts(self.hparams.predict_prompts, ""), "data.predict_prompts")
+        elif stage == "predict":
+            given = self.hparams.predict_prompts is not None  # else predict takes every validation prompt
+            prompts = read_prompts(self.hparams.predict_prompts, "") if given else self.validation_prompt_list(True)
+            setting = "data.predict_prompts" if given else "data.validation_prompts"
+            warn_of_long_prompts(self.tokenizer, prompts, setting)
         if stage == "fit" and self.train_dataset is None:
             if self.tokenizer is None:
                 raise RuntimeError("FaceDataModule needs the base model's tokenizer (model.tokenizer).")

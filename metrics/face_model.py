@@ -170,7 +170,10 @@ class FaceModel:
     def _check_names(self, deepface: ModuleType) -> None:
         """Names deepface does not know (``dlib`` for the model ``Dlib``): said as such, with the nearest name,
         not as missing weights."""
-        known = getattr(importlib.import_module("deepface.modules.modeling"), "AVAILABLE_MODELS", None)
+        try:
+            known = getattr(importlib.import_module("deepface.modules.modeling"), "AVAILABLE_MODELS", None)
+        except ImportError:
+            known = None
         if not isinstance(known, dict):  # another deepface layout: its own error comes from build_model
             return
         for task, name, what in (

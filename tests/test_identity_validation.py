@@ -322,8 +322,14 @@ def test_test_and_predict_write_their_files(args, demo_photos, tmp_path, capsys,
     with pytest.raises(SystemExit) as info:
         main(args(*predict))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "holds 1 image(s) predicted with another checkpoint (002_00.png)" in err, err
-    assert sorted(f.name for f in out.glob("*.png")) == ["002_00.png", "002_01.png"]
+    assert info.value.code == 2 and "holds 1 image(s) predicted with another checkpoint" in err, err
+    assert "(002_00.png)" in err and sorted(f.name for f in out.glob("*.png")) == ["002_00.png", "002_01.png"]
+    # The same file at another step (a last.ckpt a longer run overwrote) is another checkpoint too.
+    earlier = {"prompt": "old", "global_step": 7, "checkpoint_id": checkpoint_id(ckpt)}
+    save_png(out / "002_00.png", Image.new("RGB", (8, 8)), earlier)
+    with pytest.raises(SystemExit) as info:
+        main(args(*predict))
+    assert info.value.code == 2 and "(002_00.png)" in capsys.readouterr().err
     # An earlier predict of this checkpoint with more images left 002_00.png: it goes, and the log says so.
     save_png(
         out / "002_00.png",
