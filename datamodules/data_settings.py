@@ -93,6 +93,12 @@ def check_crop_and_captions(
         raise ValueError(f"data.face_margin {face_margin}: give 0 or more (0.75: a square 2.5 face boxes wide).")
     if not 0 <= face_scale_jitter < 1:
         raise ValueError(f"data.face_scale_jitter {face_scale_jitter}: give a number in [0, 1) (0: no jitter).")
+    if crop != "face" and (face_scale_jitter or face_margin != 0.75):
+        # Only a face crop reads them: without this a user who set them trains on a crop they did not ask for.
+        rank_zero_warn(
+            f"data.face_margin {face_margin} and data.face_scale_jitter {face_scale_jitter} only shape a face crop: "
+            f"data.crop is {crop}, so they are ignored. Set data.crop: face to use them."
+        )
     if "{caption}" not in caption_template:
         raise ValueError(
             f"data.caption_template {caption_template!r} has no {{caption}}: write where each caption goes, e.g. "

@@ -28,6 +28,13 @@ def check_settings(hp: Mapping[str, Any]) -> None:
         value = hp[setting]
         if value is not None and not value > 0:  # `not >` also catches NaN
             raise ValueError(f"model.{setting} {value}: give a positive number.")
+    snr_gamma = hp["snr_gamma"]
+    if snr_gamma is not None and not (snr_gamma > 0 and math.isfinite(snr_gamma)):
+        # min(SNR, γ)/SNR is 0 at γ = 0 (nothing trains) and negative below (the loss climbs: training in reverse).
+        raise ValueError(
+            f"model.snr_gamma {snr_gamma}: give a positive number (5 is the min-SNR paper's choice) or null for the "
+            "plain MSE loss."
+        )
     lora_dropout, num_inference_steps, lr_warmup_steps = (
         hp["lora_dropout"],
         hp["num_inference_steps"],

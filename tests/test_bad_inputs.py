@@ -167,6 +167,8 @@ SETTINGS = {
     "caption template without {caption}": setting("--data.caption_template=sks man", "data.caption_template"),
     "caption dropout 1": setting("--data.caption_dropout=1", "data.caption_dropout 1"),
     "face margin -1": setting("--data.face_margin=-1", "data.face_margin -1"),
+    "snr gamma 0": setting("--model.snr_gamma=0", "model.snr_gamma 0.0: give a positive number"),
+    "negative snr gamma": setting("--model.snr_gamma=-5", "model.snr_gamma -5.0: give a positive number"),
     "face loss weight 0": setting("--model.face_loss_weight=0", "model.face_loss_weight"),
     "missing base model": setting("--model.pretrained_model_name_or_path=/no/such/model", "/no/such/model"),
     "empty prompt file": prompts_file(b"\n  \n", "has no prompts"),

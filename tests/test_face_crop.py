@@ -4,6 +4,8 @@ photo, moved by the known paste, never from the code under test."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -206,6 +208,17 @@ def test_old_center_crop_false_means_a_random_crop():
     with pytest.warns(UserWarning, match="data.center_crop is deprecated"):
         assert FaceDataModule(center_crop=False).crop == "random"
     assert FaceDataModule(center_crop=True, crop="face").crop == "face"
+
+
+@pytest.mark.parametrize("settings", [{"face_scale_jitter": 0.1}, {"face_margin": 1.0}])
+def test_face_settings_without_a_face_crop_warn(settings):
+    with pytest.warns(UserWarning, match="only shape a face crop: data.crop is center, so they are ignored"):
+        FaceDataModule(**settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FaceDataModule(crop="face", **settings)  # used there
+        FaceDataModule()  # the defaults
+    assert not [w for w in caught if "only shape a face crop" in str(w.message)]
 
 
 def test_bad_loss_weights_fail_before_the_base_model_loads(tmp_path):
