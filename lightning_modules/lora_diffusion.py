@@ -24,6 +24,7 @@ from lightning_modules.lora_setup import add_lora_adapters, apply_speed_options,
 from lightning_modules.mixed_precision import lora_inputs_uncast
 from lightning_modules.parked_encoder import ParkedEncoder
 from lightning_modules.prior_prompts import PriorPrompts
+from lightning_modules.step_mean import StepMean
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -141,6 +142,7 @@ class LoRADiffusion(L.LightningModule):
         add_lora_adapters(self.vae, self.text_encoder, self.unet, self.hparams)
         self._lora_layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
         self.batched_generation = BatchedGeneration()
+        self._step_mean = StepMean()  # train/* logged as the mean over the micro-batches of an optimizer step
         self.parked_encoder = ParkedEncoder(self.vae)
         apply_speed_options(self.text_encoder, self.unet, self.hparams, self._lora_inputs_under_autocast)
 
@@ -169,13 +171,14 @@ class LoRADiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         terms = self.loss_terms(batch)
         batch_size = batch["input_ids"].shape[0]
-        # Not prog_bar: Lightning turns progress-bar metrics into numbers after every step, a wait for the GPU each
-        # (issue #9); StepProgressBar reads the loss from the step's output when it redraws.
-        self.log("train/loss", terms.loss, batch_size=batch_size)
+        parts = {"train/loss": terms.loss}
         if terms.prior_loss is not None:
             # train/loss is what trains (the total); the photos' part alone stays comparable with runs without it.
-            self.log("train/identity_loss", terms.identity_loss.detach(), batch_size=batch_size)
-            self.log("train/prior_loss", terms.prior_loss.detach(), batch_size=batch_size)
+            parts |= {"train/identity_loss": terms.identity_loss, "train/prior_loss": terms.prior_loss}
+        # Not prog_bar: Lightning turns progress-bar metrics into numbers after every step, a wait for the GPU each
+        # (issue #9); StepProgressBar reads the loss from the step's output when it redraws.
+        for name, mean in self._step_mean.update(self.global_step, **parts).items():
+            self.log(name, mean, batch_size=batch_size)
         return terms.loss
 
     def loss_terms(self, batch: dict[str, Any]) -> DiffusionLoss:

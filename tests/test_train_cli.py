@@ -238,11 +238,31 @@ def test_a_file_that_is_no_checkpoint_is_one_clear_error(demo_cli, tmp_path, cap
     assert "is not a likeness checkpoint" in err and "Traceback" not in err
 
 
-def test_the_learning_rate_is_one_point_per_step_with_gradient_accumulation(demo_cli, tmp_path):
-    """Lightning's monitor logged before every micro-batch: two points per step, at the same x."""
+def test_one_point_per_step_with_gradient_accumulation(demo_cli, tmp_path, monkeypatch):
+    """Lightning's monitor logged before every micro-batch: two points per step, at the same x; and a step's
+    train/* value was its last micro-batch's, not the mean of the two that trained."""
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    micro_batches: list[dict[str, float]] = []  # the loss parts of each micro-batch, in order
+    loss_terms = LoRADiffusion.loss_terms
+
+    def recording_loss_terms(self, batch):
+        terms = loss_terms(self, batch)
+        parts = {"loss": terms.loss, "identity_loss": terms.identity_loss, "prior_loss": terms.prior_loss}
+        micro_batches.append({name: value.item() for name, value in parts.items()})
+        return terms
+
+    monkeypatch.setattr(LoRADiffusion, "loss_terms", recording_loss_terms)
     args = ["--validation.baseline=false", "--validation.every_n_steps=0", "--validation.at_end=false"]
     args += ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.accumulate_grad_batches=2"]
+    args += ["--model.prior_loss_weight=0.5", "--data.prior_prompts=[a photo of a woman]"]
     cli = main(demo_cli("fit", tmp_path, *args, "--export.on_checkpoint=false"))
     scalars = read_scalars(Path(cli.trainer.log_dir))
     for tag in ("train/lr/unet", "train/lr/te"):
         assert [step for step, _ in scalars[tag]] == [0, 1, 2], scalars[tag]
+    assert len(micro_batches) == 6
+    for name in ("loss", "identity_loss", "prior_loss"):
+        logged = scalars[f"train/{name}"]
+        assert [step for step, _ in logged] == [0, 1, 2], logged
+        means = [(a[name] + b[name]) / 2 for a, b in zip(micro_batches[::2], micro_batches[1::2], strict=True)]
+        assert [value for _, value in logged] == pytest.approx(means, rel=1e-5), name
