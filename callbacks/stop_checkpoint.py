@@ -13,6 +13,15 @@ Checkpoints saved once the epoch loop has ended (this one's at the end of traini
 final validation) carry the loop counters of the last step's end, as a periodic save has them: by then Lightning
 has counted the epoch as finished, and a run extended from such a file started the next epoch, skipping the rest
 of this one (a whole epoch when training stopped at its end).
+
+Under gradient accumulation a signal can arrive between an optimizer step's micro-batches, and Lightning stops
+there: the weights and optimizer are those of the last step, but the loop counters, the data position and the RNG
+had moved on, and a resume skipped the batches of the unfinished step (their gradients were never applied). Such
+a checkpoint stands for the last step's end: its loop counters and RNG states are those recorded there, and
+:class:`datamodules.face_data_module.FaceDataModule` rewinds its data position to the step's first batch, so a
+resume trains the unfinished step again, whole. Waiting for the step's end instead could outlast the few seconds
+``docker stop`` or Slurm give before their SIGKILL. A signal before this run's first step ended saves nothing: no
+step was taken since the run started (from scratch or from the checkpoint it resumed).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -39,6 +49,7 @@ class StopCheckpoint(L.Callback):
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
         self._loops_at_step_end: dict[str, Any] | None = None
+        self._rng_at_step_end: dict[str, Any] | None = None
         self._epoch_ended = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -62,9 +73,15 @@ class StopCheckpoint(L.Callback):
         self._epoch_ended = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if _inside_a_step(trainer):
+            return  # between micro-batches: the step has not ended
         # A few dozen counters: cheap to copy at every step, and the step that turns out to be the last is known
         # only later (max_steps, should_stop, the epoch's last batch).
         self._loops_at_step_end = copy.deepcopy(trainer.fit_loop.state_dict())
+        if trainer.accumulate_grad_batches > 1:  # a stop between micro-batches rewinds the RNG to here
+            self._rng_at_step_end = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():  # host-side generator states: no wait for the GPU
+                self._rng_at_step_end["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_ended = True
@@ -73,8 +90,15 @@ class StopCheckpoint(L.Callback):
         if "loops" not in checkpoint:
             return
         # Weights, optimizer, RNG and data position are those of the last step's end; so must the loop counters be.
-        if self._epoch_ended and self._loops_at_step_end is not None:
+        inside = _inside_a_step(trainer)
+        if (self._epoch_ended or inside) and self._loops_at_step_end is not None:
             checkpoint["loops"]["fit_loop"] = copy.deepcopy(self._loops_at_step_end)
+        if inside and self._rng_at_step_end is not None:
+            # Only the stop saves between micro-batches (periodic and best checkpoints are taken at a step's end), and
+            # nothing draws a random number after it: the module's hook, next, saves the generators as rewound here.
+            torch.set_rng_state(self._rng_at_step_end["torch"])
+            if "cuda" in self._rng_at_step_end:
+                torch.cuda.set_rng_state_all(self._rng_at_step_end["cuda"])
         _count_the_running_epoch(checkpoint["loops"]["fit_loop"])
 
     def _sigint(self, trainer: L.Trainer):
@@ -124,11 +148,15 @@ class StopCheckpoint(L.Callback):
             # ModelCheckpoint's own on_train_end saves only when it never saved a last.ckpt.
             unsaved = not ours or periodic._last_global_step_saved != trainer.global_step
             # After a signal the last step is saved whatever checkpoint.save_last says, as during training.
-            if unsaved and (self._signal is not None or (ours and periodic.save_last)):
+            wanted = self._signal is not None or (ours and periodic.save_last)
+            if unsaved and wanted and not self._nothing_to_save(trainer):
                 path = self._save_last(trainer)
         finally:
             self._restore_signals()
         if self._signal is not None:  # a signal after the last step, in the final validation
+            if self._nothing_to_save(trainer):
+                self._say_nothing_saved(trainer, signal.Signals(self._signal).name)
+                raise SystemExit(128 + self._signal)
             if path is None:  # the periodic save had this step
                 path = Path(periodic._last_checkpoint_saved or checkpoint_dir(trainer) / "last.ckpt")
             rank_zero_info(f"Stopped by {signal.Signals(self._signal).name} after the last step; checkpoint: {path}")
@@ -151,15 +179,38 @@ class StopCheckpoint(L.Callback):
             self._restore_signals()
             return
         signum = self._signal or signal.SIGTERM
+        name = signal.Signals(signum).name
+        exception.code = 128 + signum
+        if self._nothing_to_save(trainer):
+            self._restore_signals()
+            self._say_nothing_saved(trainer, name)
+            return
         try:
             path = self._save_last(trainer)
         finally:
             self._restore_signals()
+        redo = ""
+        if _inside_a_step(trainer):
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed % trainer.accumulate_grad_batches
+            redo = f" ({batches} micro-batch(es) of step {trainer.global_step + 1} are trained again on resume)"
         rank_zero_info(
-            f"Stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint saved: {path}\n"
+            f"Stopped by {name} after step {trainer.global_step}{redo}; checkpoint saved: {path}\n"
             f"Resume with: --ckpt_path {path}"
         )
-        exception.code = 128 + signum
+
+    @staticmethod
+    def _say_nothing_saved(trainer: L.Trainer, name: str) -> None:
+        again = f"resume with --ckpt_path {trainer.ckpt_path} again" if trainer.ckpt_path else "start it again"
+        rank_zero_info(f"Stopped by {name} before this run finished an optimizer step: nothing to save ({again}).")
+
+    def _nothing_to_save(self, trainer: L.Trainer) -> bool:
+        """Stopped between the micro-batches of this run's first optimizer step: no step to save (module docstring)."""
+        return self._loops_at_step_end is None and _inside_a_step(trainer)
+
+
+def _inside_a_step(trainer: L.Trainer) -> bool:
+    """Whether training stands between the micro-batches of an optimizer step (gradient accumulation)."""
+    return trainer.training and trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 def _count_the_running_epoch(fit_loop: dict[str, Any]) -> None:

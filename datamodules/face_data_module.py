@@ -290,7 +290,12 @@ class FaceDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         # In samples, so that a resume with another batch size still skips exactly what was trained on.
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch_loop = self.trainer.fit_loop.epoch_loop
+        batches = epoch_loop.batch_progress.current.processed
+        if self.trainer.training and epoch_loop._should_accumulate():
+            # Saved between the micro-batches of a step (a signal): the checkpoint stands for the last step's end,
+            # and a resume trains the unfinished step again from its first batch (callbacks.stop_checkpoint).
+            batches -= batches % self.trainer.accumulate_grad_batches
         return {"samples_done": batches * self.hparams.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -109,6 +109,70 @@ def test_a_signal_during_the_final_validation_saves_the_last_step_at_once(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl+C is Python's own again
 
 
+ACCUMULATE = [
+    *QUIET,
+    "--trainer.accumulate_grad_batches=2",
+    "--trainer.max_steps=4",
+    "--checkpoint.every_n_train_steps=100",
+    "--export.on_checkpoint=false",
+    "--data.random_flip=true",
+    "--model.lora_dropout=0.1",  # draws from the RNG in every micro-batch, as the noise and timesteps do
+]
+
+
+def signal_at_micro_batch(monkeypatch, number: int) -> None:
+    """SIGTERM during the ``number``-th micro-batch of the next fit (Lightning stops at that batch's end)."""
+    import os
+
+    from lightning_modules.lora_diffusion import LoRADiffusion
+
+    calls, training_step = [], LoRADiffusion.training_step
+
+    def step(self, batch, batch_idx):
+        calls.append(batch_idx)
+        if len(calls) == number:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LoRADiffusion, "training_step", step)
+
+
+@pytest.mark.parametrize("micro_batch", [3, 5])
+def test_a_signal_between_micro_batches_resumes_the_unfinished_step_whole(
+    demo_cli, tmp_path, monkeypatch, caplog, micro_batch
+):
+    """Lightning stops after any micro-batch; the checkpoint counted those of the unfinished step as trained (the
+    loop counters, the data position, the RNG), and the resume skipped them. 7 photos, batch 2, 2 micro-batches a
+    step: micro-batch 3 is the first of step 2, micro-batch 5 the first of epoch 2 (step 3)."""
+    whole = main(demo_cli("fit", tmp_path / "whole", *ACCUMULATE))
+    signal_at_micro_batch(monkeypatch, micro_batch)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path / "part", *ACCUMULATE))
+    assert info.value.code == 128 + signal.SIGTERM
+    last = next((tmp_path / "part").rglob("checkpoints/last.ckpt"))
+    step = (micro_batch - 1) // 2
+    assert torch.load(last, weights_only=True)["global_step"] == step
+    assert f"after step {step} (1 micro-batch(es) of step {step + 1} are trained again on resume)" in caplog.text
+    monkeypatch.undo()
+    resumed = main(demo_cli("fit", tmp_path / "part", *ACCUMULATE, f"--ckpt_path={last}"))
+    assert resumed.trainer.global_step == 4 and resumed.trainer.current_epoch == whole.trainer.current_epoch
+    a = torch.load(Path(whole.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(Path(resumed.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_signal_inside_the_first_step_saves_nothing_and_says_so(demo_cli, tmp_path, monkeypatch, caplog):
+    signal_at_micro_batch(monkeypatch, 1)
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as info:
+        main(demo_cli("fit", tmp_path, *ACCUMULATE))
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert "before this run finished an optimizer step: nothing to save (start it again)" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("when", ["in the baseline", "in the step before a validation"])
 def test_a_signal_never_waits_for_a_validation(demo_cli, tmp_path, monkeypatch, caplog, python_sigint, when):
     """The baseline ran before the handlers were installed (a SIGTERM waited for all of it, a Ctrl+C was Lightning's
@@ -203,6 +267,7 @@ def test_a_second_ctrl_c_while_last_ckpt_is_written_stops_with_130(python_sigint
     stop = StopCheckpoint()
     stop.on_train_start(trainer, None)
     stop._signal = signal.SIGINT  # the first Ctrl+C came in the final validation
+    stop._loops_at_step_end = {}  # the run took steps before it
 
     def second_ctrl_c(trainer):
         signal.raise_signal(signal.SIGINT)
