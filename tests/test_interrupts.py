@@ -173,6 +173,36 @@ def test_a_signal_inside_the_first_step_saves_nothing_and_says_so(demo_cli, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_stop_at_the_end_of_training_inside_the_first_step_saves_nothing(python_sigint, caplog):
+    """The path where training ends (a signal in the final validation) inside the run's first step: nothing was
+    trained, so no ``last.ckpt`` is written (it would claim step 0 of a run that read batches) and the message says
+    so, not "after the last step"."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.stop_checkpoint import StopCheckpoint
+
+    epoch_loop = SimpleNamespace(_should_accumulate=lambda: True)
+    trainer = SimpleNamespace(
+        _signal_connector=SimpleNamespace(received_sigterm=False),
+        checkpoint_callback=ModelCheckpoint(save_last=True),
+        global_step=0,
+        training=True,
+        fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        ckpt_path="run/last.ckpt",
+    )
+    stop = StopCheckpoint()
+    stop.on_train_start(trainer, None)
+    stop._signal = signal.SIGTERM
+    stop._save_last = lambda trainer: pytest.fail("saved a checkpoint of no step")
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as info:
+        stop.on_train_end(trainer, None)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert "nothing to save (resume with --ckpt_path run/last.ckpt again)" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("when", ["in the baseline", "in the step before a validation"])
 def test_a_signal_never_waits_for_a_validation(demo_cli, tmp_path, monkeypatch, caplog, python_sigint, when):
     """The baseline ran before the handlers were installed (a SIGTERM waited for all of it, a Ctrl+C was Lightning's
