@@ -167,7 +167,7 @@ class FaceModel:
         fix = f"Fix: {'; '.join(fixes)}; {offline}." if fixes else f"{offline[0].upper()}{offline[1:]}."
         return FaceModelError(f"face model {self._settings}: {problem} {fix}")
 
-    def _check_names(self, deepface: ModuleType) -> None:
+    def _check_names(self) -> None:
         """Names deepface does not know (``dlib`` for the model ``Dlib``): said as such, with the nearest name,
         not as missing weights."""
         try:
@@ -196,7 +196,7 @@ class FaceModel:
         if self._built:
             return
         deepface = self._deepface()
-        self._check_names(deepface)
+        self._check_names()
         try:
             install_bundled_weights(bundled_weights(self.model_name, self.detector_backend), self.weights_dir)
         except BundledWeightError as err:

@@ -196,7 +196,8 @@ def test_command_writes_what_the_callback_wrote(cli_run, capsys):
     # Same settings, steps, captions and base model; neither has validation metrics (none ran).
     card = (folder / "README.md").read_text()
     assert card == (callback_folder / "README.md").read_text()
-    assert card.count("| resolution |") == 1 and "| resolution | 64x64 |" in card  # once, as width x height
+    # Once, as width x height (demo_cli trains on 32 px photos).
+    assert card.count("| resolution |") == 1 and "| resolution | 32x32 |" in card
 
 
 # Lightning lists every frozen weight a LoRA-only checkpoint lacks; expected, see LoRADiffusion.on_save_checkpoint.

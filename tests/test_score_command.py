@@ -179,6 +179,7 @@ def trained(demo_cli, tmp_path_factory) -> Path:
         demo_cli(
             "fit", root, "--trainer.max_steps=2", "--model.optimizer.init_args.lr=0.05", "--model.lr_warmup_steps=0",
             "--model.num_inference_steps=4", "--model.image_size=null",  # the native 64 px, as `score --lora` draws
+            "--data.resolution=64",  # trained at it too: 2 steps then change the images clearly
             f"--data.validation_prompts={root / 'prompts.txt'}", "--export.name=me",
             "--validation.baseline=false", "--validation.at_end=false",
         )
