@@ -13,7 +13,6 @@ import contextlib
 import difflib
 import errno
 import importlib
-import logging
 import os
 import re
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
+
+from stable_diffusion.library_noise import quiet_library_noise
 
 SUBCOMMANDS = {
     "fit": "train a LoRA (validates every validation.every_n_steps, exports LoRA files)",
@@ -67,29 +68,6 @@ MOVED = {
     "--lr_scheduler": "the schedule is model.lr_scheduler, with model.lr_warmup_steps and model.lr_num_cycles "
     "(in a config file: under model:)",
 }
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str) -> None:
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in self.fragments)
-
-
-def quiet_library_noise() -> None:
-    """Silence library messages that need no action; idempotent."""
-    import transformers.utils.logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars for a few-second load
-    noise = _DropMessages("requires torchvision", "💡 Tip:")
-    for name in ("transformers", "lightning.pytorch", "lightning.fabric", "lightning"):
-        logger = logging.getLogger(name)
-        for handler in [*logger.handlers, logger]:
-            if not any(isinstance(f, _DropMessages) for f in handler.filters):
-                handler.addFilter(noise)
 
 
 quiet_library_noise()

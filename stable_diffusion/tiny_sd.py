@@ -15,9 +15,14 @@ import json
 import math
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from stable_diffusion.library_noise import quiet_library_noise
+
+# Before diffusers' import, which makes transformers print its torchvision notice.
+quiet_library_noise()
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 CROSS_ATTENTION_DIM = 32
 

@@ -36,6 +36,20 @@ def test_console_script_is_installed_and_quiet(demo_cli, tmp_path):
         assert noise not in done.stderr, done.stderr
 
 
+def test_the_demo_model_builder_is_quiet_too():
+    """README's demo starts with ``python -m stable_diffusion.tiny_sd``: no torchvision notice (installing
+    torchvision, as the notice suggests, breaks the pinned torch)."""
+
+    def stderr_of(code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    if "requires torchvision" not in stderr_of("from diffusers import StableDiffusionPipeline"):
+        pytest.skip("this transformers prints no torchvision notice on diffusers' import")
+    assert "torchvision" not in stderr_of("import stable_diffusion.tiny_sd")
+
+
 def test_short_help_lists_settings_that_exist(capsys):
     code, out, _ = run_cli(capsys, "fit", "--help")
     assert code == 0 and len(out.splitlines()) < 30 and "--help-all" in out
