@@ -136,6 +136,15 @@ def _check_numbers(subcommand: str, config: Namespace) -> None:
                     f"trainer.{key} 0: the run would train nothing. Give the number of "
                     f"{key.removeprefix('max_')} to train (or -1 for no limit on {key.removeprefix('max_')})."
                 )
+        # train.py hides Lightning's "fewer batches than the logging interval" warning (logging counts steps across
+        # epochs); what it was right about is a whole run shorter than the interval: no training curve at all.
+        steps, log_every = trainer.get("max_steps"), trainer.get("log_every_n_steps") or 50  # Lightning's default
+        if isinstance(steps, int) and 0 < steps < log_every:
+            rank_zero_warn(
+                f"trainer.max_steps {steps} is below trainer.log_every_n_steps {log_every}: train/loss is logged every "
+                f"{log_every} steps, so this run logs no training curve. Set --trainer.log_every_n_steps {steps} (or "
+                "lower) to see one."
+            )
     every = (config.get("validation") or {}).get("every_n_steps")
     if every is not None and every < 0:
         raise ValueError(

@@ -3,7 +3,8 @@
 transformers' "requires torchvision; falling back to …Pil" notices (likeness does not use torchvision, and with the
 pinned torch its import fails: installing it as the notice suggests would break the install), its weight-loading
 bars for a few-second load, and Lightning's product tips. The ``likeness`` command and the demo's model builder
-call :func:`quiet_library_noise` before they import diffusers.
+call :func:`quiet_library_noise` before they import diffusers; it acts on the whole process, so importing either
+quiets a notebook or a test session too.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def test_demo_fit_logs_and_writes_a_small_checkpoint(demo_cli, tmp_path):
 
 def test_a_fit_warns_of_nothing_it_does_on_purpose(demo_cli, tmp_path):
     """Lightning's warnings about an empty validation loader (IdentityValidation generates on its own schedule) and
-    about epochs shorter than the logging interval (logging counts steps across epochs) are not shown to a user."""
+    about epochs shorter than the logging interval (logging counts steps across epochs) are not shown to a user; a
+    run shorter than that interval is told it logs no training curve."""
     quiet = ["--validation.baseline=false", "--validation.every_n_steps=0", "--validation.at_end=false"]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -80,6 +81,10 @@ def test_a_fit_warns_of_nothing_it_does_on_purpose(demo_cli, tmp_path):
     # What the second one warns of does not happen: the demo's 4-batch epochs still log every 5 steps.
     assert cli.trainer.num_training_batches < cli.trainer.log_every_n_steps == 5
     assert [step for step, _ in read_scalars(Path(cli.trainer.log_dir))["train/loss"]] == [4]
+    # What it was right about: a run shorter than the interval logs no training curve. That is said, with the fix.
+    with pytest.warns(UserWarning, match=r"max_steps 4 is below trainer.log_every_n_steps 5: .* no training curve"):
+        cli = main(demo_cli("fit", tmp_path / "short", "--trainer.max_steps=4", *quiet))
+    assert "train/loss" not in read_scalars(Path(cli.trainer.log_dir))
 
 
 class StopAt(Callback):
