@@ -21,8 +21,8 @@ class StepProgressBar(TQDMProgressBar):
 
     Reading the loss for the bar copies it from the GPU, which waits for the step to finish: drawn every step, the
     CPU could never queue the next step while the GPU works on this one (issue #9). So the bar redraws at most every
-    ``refresh_seconds``, and the steps in between run without a wait. The loss comes from the step's output:
-    Lightning turns every metric logged with ``prog_bar=True`` into a number after every step, drawn or not, so
+    ``refresh_seconds``, and the steps in between run without a wait. The loss is read only then: Lightning turns
+    every metric logged with ``prog_bar=True`` into a number after every step, drawn or not, so
     :class:`LoRADiffusion` logs ``train/loss`` without it.
 
     img/s counts training alone: each step is timed from its batch start to this bar's ``on_train_batch_end``,
@@ -101,9 +101,16 @@ class StepProgressBar(TQDMProgressBar):
         return self._with_speed(super().get_metrics(trainer, pl_module))
 
     def _drawn_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any) -> dict[str, Any]:
-        """The bar's metrics with the step's loss, read from its output (the module logs ``train/loss`` without
-        ``prog_bar``: Lightning would read a progress-bar metric from the GPU after every step, drawn or not)."""
+        """The bar's metrics with the step's loss: the ``train/loss`` the module logged (without ``prog_bar``:
+        Lightning would read a progress-bar metric from the GPU after every step, drawn or not), else the step's
+        output."""
         metrics = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics.get("train/loss")
+        if isinstance(logged, torch.Tensor) and logged.numel() == 1:
+            # With gradient accumulation what TensorBoard gets: LoRADiffusion logs the step's mean over its
+            # micro-batches (StepMean), where the output is the last micro-batch's alone.
+            metrics.setdefault("train/loss", logged.item())
+            return metrics
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # Lightning hands over the loss it backpropagates: divided by the micro-batches of a step.

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 import callbacks.step_progress as step_progress
 from callbacks.identity_validation import IdentityValidation
 from callbacks.step_progress import StepProgressBar
+from lightning_modules.step_mean import StepMean
 from train import main
 
 STEP_SECONDS, LOAD_SECONDS, PAUSE_SECONDS = 0.1, 0.05, 30.0
@@ -37,18 +38,22 @@ class Loading(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         self.clock.now += LOAD_SECONDS  # between batches: not training time
-        return torch.ones(2)
+        return torch.full((2,), 1.0 + index % 3)  # losses differ between the micro-batches of a step
 
 
 class Linear(L.LightningModule):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__()
-        self.layer, self.clock, self.losses = torch.nn.Linear(2, 1), clock, []
+        self.layer, self.clock, self.losses, self.logged = torch.nn.Linear(2, 1), clock, [], []
+        self.step_mean = StepMean()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.layer(batch).square().mean()
         self.losses.append(float(loss))
-        self.log("train/loss", loss, batch_size=1)  # as LoRADiffusion: the bar reads the loss from the output
+        # As LoRADiffusion: not prog_bar, the step's mean over its micro-batches.
+        mean = self.step_mean.update(self.global_step, loss=loss)["loss"]
+        self.logged.append(float(mean))
+        self.log("train/loss", mean, batch_size=1)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -121,9 +126,13 @@ def test_bar_counts_optimizer_steps_and_shows_the_loss_as_logged(tmp_path, monke
     # One image a micro-batch, 0.1 s of work an optimizer step: `accumulate` images per 0.1 s.
     assert bar.images_per_second() == pytest.approx(accumulate / STEP_SECONDS)
     shown = dict(item.split("=") for item in bar.train_progress_bar.postfix.split(", "))
-    # Lightning hands the bar the backpropagated loss, divided by the micro-batches of a step.
-    assert float(shown["train/loss"]) == pytest.approx(bar.module.losses[-1], rel=1e-2)
-    assert len(bar.module.losses) == 3 * accumulate
+    # What TensorBoard gets for the step: the mean over its micro-batches, not the last micro-batch's loss.
+    losses = bar.module.losses
+    assert len(losses) == 3 * accumulate
+    step_mean = sum(losses[-accumulate:]) / accumulate
+    assert float(shown["train/loss"]) == pytest.approx(step_mean, rel=1e-2) == bar.module.logged[-1]
+    if accumulate > 1:
+        assert abs(losses[-1] - step_mean) > 0.05 * step_mean  # the two differ: the test tells them apart
 
 
 def test_cli_puts_the_bar_before_validation_and_checkpoints(demo_cli, tmp_path):
