@@ -161,6 +161,8 @@ def _cli(cli_class: type[LikenessCLI], args: list[str] | None) -> LikenessCLI:
     warnings.filterwarnings(
         "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval"
     )
+    # Lightning 2.6's own use of a torch 2.13 deprecation, in every fit: nothing a user of likeness can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # The `likeness` command hands LightningCLI the arguments it read from sys.argv itself.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     with reported_errors():
