@@ -138,7 +138,8 @@ def _check_numbers(subcommand: str, config: Namespace) -> None:
                 )
         # train.py hides Lightning's "fewer batches than the logging interval" warning (logging counts steps across
         # epochs); what it was right about is a whole run shorter than the interval: no training curve at all.
-        steps, log_every = trainer.get("max_steps"), trainer.get("log_every_n_steps") or 50  # Lightning's default
+        steps, log_every = trainer.get("max_steps"), trainer.get("log_every_n_steps")
+        log_every = 50 if log_every is None else log_every  # Lightning's default
         if isinstance(steps, int) and 0 < steps < log_every:
             rank_zero_warn(
                 f"trainer.max_steps {steps} is below trainer.log_every_n_steps {log_every}: train/loss is logged every "
