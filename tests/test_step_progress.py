@@ -42,10 +42,14 @@ class Loading(Dataset):
 
 
 class Linear(L.LightningModule):
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, log_loss: bool = True) -> None:
         super().__init__()
         self.layer, self.clock, self.losses, self.logged = torch.nn.Linear(2, 1), clock, [], []
-        self.step_mean = StepMean()
+        self.step_mean, self.log_loss = StepMean(), log_loss
+        # Fixed weights: the same losses in every run (random ones could make a step's micro-batch losses nearly
+        # equal, and the test below would no longer tell the step's mean from its last micro-batch).
+        torch.nn.init.constant_(self.layer.weight, 0.25)
+        torch.nn.init.zeros_(self.layer.bias)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.layer(batch).square().mean()
@@ -53,7 +57,8 @@ class Linear(L.LightningModule):
         # As LoRADiffusion: not prog_bar, the step's mean over its micro-batches.
         mean = self.step_mean.update(self.global_step, loss=loss)["loss"]
         self.logged.append(float(mean))
-        self.log("train/loss", mean, batch_size=1)
+        if self.log_loss:
+            self.log("train/loss", mean, batch_size=1)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -78,7 +83,7 @@ class Validation(L.Callback):
 
 
 def fit(
-    tmp_path, monkeypatch, bar: StepProgressBar, steps: int, accumulate: int = 1
+    tmp_path, monkeypatch, bar: StepProgressBar, steps: int, accumulate: int = 1, log_loss: bool = True
 ) -> tuple[StepProgressBar, list[int]]:
     clock = FakeClock()
     monkeypatch.setattr(step_progress.time, "perf_counter", clock)
@@ -95,7 +100,7 @@ def fit(
         callbacks=[bar, Validation(clock, every=5)], default_root_dir=tmp_path, limit_val_batches=0,
         accumulate_grad_batches=accumulate,
     )  # fmt: skip
-    bar.module = Linear(clock)
+    bar.module = Linear(clock, log_loss)
     trainer.fit(bar.module)
     return bar, drawn
 
@@ -133,6 +138,13 @@ def test_bar_counts_optimizer_steps_and_shows_the_loss_as_logged(tmp_path, monke
     assert float(shown["train/loss"]) == pytest.approx(step_mean, rel=1e-2) == bar.module.logged[-1]
     if accumulate > 1:
         assert abs(losses[-1] - step_mean) > 0.05 * step_mean  # the two differ: the test tells them apart
+
+
+def test_a_module_that_logs_no_loss_gets_its_steps_output_on_the_bar(tmp_path, monkeypatch):
+    bar, _ = fit(tmp_path, monkeypatch, StepProgressBar(refresh_seconds=0), steps=3, accumulate=2, log_loss=False)
+    shown = dict(item.split("=") for item in bar.train_progress_bar.postfix.split(", "))
+    # Lightning hands the bar the backpropagated loss, divided by the micro-batches of a step: scaled back.
+    assert float(shown["train/loss"]) == pytest.approx(bar.module.losses[-1], rel=1e-2)
 
 
 def test_cli_puts_the_bar_before_validation_and_checkpoints(demo_cli, tmp_path):
